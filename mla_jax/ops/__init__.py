@@ -1,0 +1,1 @@
+"""Pure jnp functions, each fast path beside the slow reference twin that tests compare it with."""
