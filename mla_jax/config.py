@@ -462,3 +462,13 @@ class ModelConfig:
 def seq_len(cfg: ml_collections.ConfigDict) -> int:
   return cfg.trainer.seq_len or cfg.model.max_seq_len
 
+
+
+def format_config(cfg: ml_collections.ConfigDict) -> str:
+  """One `section.key = value` line per key (logical axis rules on one line)."""
+  lines = []
+  for key, value in sorted(_flatten(cfg).items()):
+    if key == "logical_axis_rules":
+      value = ", ".join(f"{name}->{axes}" for name, axes in value)
+    lines.append(f"  {key} = {value}")
+  return "\n".join(lines)

@@ -1,0 +1,39 @@
+"""Grouped-query attention with RoPE on the whole head (MHA when kv_heads = num_heads, MQA when 1)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import chex
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from mla_jax.config import ModelConfig
+from mla_jax.layers.common import Dense, compute_dtype
+from mla_jax.layers.mlp import residual_scale
+from mla_jax.layers.rope import apply_rope
+from mla_jax.ops.attention import attention
+
+
+class GQA(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array, cache: Optional[dict] = None):
+    cfg = self.cfg
+    dtype = compute_dtype(cfg.dtype)
+    B, T, _ = x_BTD.shape
+    H, K, Dh = cfg.num_heads, cfg.kv_heads, cfg.head_dim
+    q_BTHD = Dense((H, Dh), ("embed", "heads", "head_dim"), dtype=dtype, name="w_q")(x_BTD)
+    k_BTKD = Dense((K, Dh), ("embed", "kv_heads", "head_dim"), dtype=dtype, name="w_k")(x_BTD)
+    v_BTKD = Dense((K, Dh), ("embed", "kv_heads", "head_dim"), dtype=dtype, name="w_v")(x_BTD)
+    q_BTHD = apply_rope(q_BTHD, positions_BT, cfg.rope_theta)
+    k_BTKD = apply_rope(k_BTKD, positions_BT, cfg.rope_theta)
+    q_BTHD = nn.with_logical_constraint(q_BTHD, ("batch", "activation_length", "activation_heads", None))
+    o_BTHD = attention(q_BTHD, k_BTKD, v_BTKD, positions_BT, scale=Dh**-0.5, impl=cfg.attention_impl,
+                       chunk_size=cfg.attention_chunk_size)
+    chex.assert_shape(o_BTHD, (B, T, H, Dh))
+    y_BTD = Dense(cfg.hidden_size, ("heads", "head_dim", "embed"), in_dims=2, dtype=dtype,
+                  scale=residual_scale(cfg), name="w_o")(o_BTHD)
+    return y_BTD, None

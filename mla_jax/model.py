@@ -1,0 +1,169 @@
+"""The language model: embed -> blocks from the layer pattern -> final RMSNorm -> LM head.
+
+Each block is pre-norm: x += mixer(norm(x)); x += ffn(norm(x)). The mixer is MLA, GQA or Mamba2 and
+the FFN is SwiGLU, MoE or absent (Mamba2 layers without `mamba_ffn`), all chosen per layer by
+`ModelConfig`. `LanguageModel.apply` is a pure function of an explicit params pytree.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from mla_jax.config import ModelConfig
+from mla_jax.layers.attention import GQA
+from mla_jax.layers.common import Dense, RMSNorm, compute_dtype
+from mla_jax.layers.mla import MLA
+from mla_jax.layers.mlp import SwiGLU
+
+ACTIVATION_AXES = ("batch", "activation_length", "activation_embed")
+
+
+def _mixer(kind: str):
+  if kind == "mla":
+    return MLA
+  if kind == "gqa":
+    return GQA
+  from mla_jax.layers.mamba2 import Mamba2Mixer  # pylint: disable=g-import-not-at-top
+  return Mamba2Mixer
+
+
+class Block(nn.Module):
+  """One residual layer. Returns (x, new_cache, aux) where aux holds the MoE statistics (or {})."""
+
+  cfg: ModelConfig
+  layer: int
+
+  @nn.compact
+  def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array, cache: Optional[Any] = None):
+    cfg = self.cfg
+    dtype = compute_dtype(cfg.dtype)
+    kind = cfg.mixer_kind(self.layer)
+    h_BTD = RMSNorm(cfg.rms_norm_eps, dtype, name="mixer_norm")(x_BTD)
+    y_BTD, new_cache = _mixer(kind)(cfg, name=kind)(h_BTD, positions_BT, cache)
+    x_BTD = nn.with_logical_constraint(x_BTD + y_BTD, ACTIVATION_AXES)
+    aux = {}
+    ffn = cfg.ffn_kind(self.layer)
+    if ffn is not None:
+      h_BTD = RMSNorm(cfg.rms_norm_eps, dtype, name="ffn_norm")(x_BTD)
+      if ffn == "moe":
+        from mla_jax.layers.moe import MoE  # pylint: disable=g-import-not-at-top
+        y_BTD, aux = MoE(cfg, name="moe")(h_BTD)
+      else:
+        y_BTD = SwiGLU(cfg, name="mlp")(h_BTD)
+      x_BTD = nn.with_logical_constraint(x_BTD + y_BTD, ACTIVATION_AXES)
+    return x_BTD, new_cache, aux
+
+
+class LanguageModel(nn.Module):
+  """tokens [B, T] -> (logits [B, T, V] float32, aux, new_caches).
+
+  `positions_BT` defaults to 0..T-1. `caches` (one entry per layer, see mla_jax.cache) switches the
+  mixers to incremental decoding; without it the whole sequence is processed at once.
+  """
+
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, tokens_BT: jax.Array, positions_BT: Optional[jax.Array] = None,
+               caches: Optional[list] = None):
+    cfg = self.cfg
+    dtype = compute_dtype(cfg.dtype)
+    B, T = tokens_BT.shape
+    if positions_BT is None:
+      positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    embed_std = cfg.hidden_size**-0.5 if cfg.tie_embeddings else 1.0
+    embedding_VD = self.param(
+        "embedding", nn.with_logical_partitioning(nn.initializers.normal(embed_std), ("vocab", "embed")),
+        (cfg.vocab_size, cfg.hidden_size), jnp.float32)
+    x_BTD = nn.with_logical_constraint(jnp.take(embedding_VD, tokens_BT, axis=0).astype(dtype), ACTIVATION_AXES)
+    new_caches, layer_aux = [], []
+    for i in range(cfg.num_layers):
+      x_BTD, new_cache, aux = Block(cfg, i, name=f"layer_{i}")(x_BTD, positions_BT,
+                                                               None if caches is None else caches[i])
+      new_caches.append(new_cache)
+      if aux:
+        layer_aux.append(aux)
+    x_BTD = RMSNorm(cfg.rms_norm_eps, dtype, name="final_norm")(x_BTD)
+    if cfg.tie_embeddings:
+      logits_BTV = jnp.einsum("btd,vd->btv", x_BTD, embedding_VD.astype(dtype))
+    else:
+      logits_BTV = Dense(cfg.vocab_size, ("embed", "vocab"), dtype=dtype, name="lm_head")(x_BTD)
+    logits_BTV = nn.with_logical_constraint(logits_BTV, ("batch", "activation_length", "activation_vocab"))
+    return logits_BTV.astype(jnp.float32), merge_moe_aux(layer_aux), (new_caches if caches is not None else None)
+
+
+def merge_moe_aux(layer_aux: list[dict]) -> dict:
+  """Averages the MoE losses over MoE layers and stacks the per-layer statistics ({} without MoE)."""
+  if not layer_aux:
+    return {}
+  return {
+      "load_balance": jnp.mean(jnp.stack([a["load_balance"] for a in layer_aux])),
+      "router_z": jnp.mean(jnp.stack([a["router_z"] for a in layer_aux])),
+      "dropped_fraction": jnp.mean(jnp.stack([a["dropped_fraction"] for a in layer_aux])),
+      "load": jnp.stack([a["load"] for a in layer_aux]),  # [moe_layers, E]
+  }
+
+
+def init_params(cfg: ModelConfig, rng: jax.Array, seq_len: int = 8):
+  """Returns (params, logical_specs): unboxed float32 params and their logical PartitionSpecs."""
+  model = LanguageModel(cfg)
+  tokens = jnp.zeros((1, min(seq_len, cfg.max_seq_len)), jnp.int32)
+  variables = jax.jit(model.init)(rng, tokens)
+  specs = nn.get_partition_spec(variables)
+  return nn.meta.unbox(variables["params"]), specs["params"]
+
+
+def forward(cfg: ModelConfig, params, token_ids) -> jax.Array:
+  """Plain forward pass: float32 logits of shape [batch, length, vocab]."""
+  logits, _, _ = LanguageModel(cfg).apply({"params": params}, jnp.asarray(token_ids, jnp.int32))
+  return logits
+
+
+def _path_names(path) -> list[str]:
+  return [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
+
+
+def count_params(cfg: ModelConfig, params) -> dict[str, int]:
+  """Total, active-per-token (MoE: k routed + shared experts) and per-kind parameter counts."""
+  counts: dict[str, int] = {"total": 0, "active": 0, "vectors": 0}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    names = _path_names(path)
+    n = int(np.prod(leaf.shape))
+    kind = next((k for k in ("mla", "gqa", "mamba2", "moe", "mlp") if k in names), None)
+    if kind is None:
+      kind = "embedding" if "embedding" in names else "lm_head" if "lm_head" in names else "norm"
+    counts[kind] = counts.get(kind, 0) + n
+    counts["total"] += n
+    active = n
+    if kind == "moe" and leaf.ndim == 3 and leaf.shape[0] == cfg.num_experts:
+      active = n * cfg.experts_per_tok // cfg.num_experts
+    counts["active"] += active
+    if leaf.ndim <= 1:
+      counts["vectors"] += n
+  return counts
+
+
+def flops_per_token(cfg: ModelConfig, params, seq_len: int) -> dict[str, float]:
+  """Training FLOPs per token: 6 x active matmul params (embedding lookup excluded, LM head included)
+  plus causal attention (QK^T and AV over T/2 keys on average, x3 for backward) plus the SSD scan."""
+  counts = count_params(cfg, params)
+  matmul = counts["active"] - counts.get("embedding", 0) - counts["vectors"]
+  if cfg.tie_embeddings:
+    matmul += cfg.vocab_size * cfg.hidden_size
+  attn = 0.0
+  ssd = 0.0
+  for layer in range(cfg.num_layers):
+    kind = cfg.mixer_kind(layer)
+    if kind == "mla":
+      attn += 3 * 2 * cfg.num_heads * (cfg.head_dim + cfg.d_rope + cfg.v_head_dim) * seq_len / 2
+    elif kind == "gqa":
+      attn += 3 * 2 * cfg.num_heads * 2 * cfg.head_dim * seq_len / 2
+    else:
+      from mla_jax.layers.mamba2 import mamba2_flops_per_token  # pylint: disable=g-import-not-at-top
+      ssd += 3 * mamba2_flops_per_token(cfg, seq_len)
+  return {"matmul": 6.0 * matmul, "attention": attn, "ssd": ssd, "total": 6.0 * matmul + attn + ssd}

@@ -1,0 +1,131 @@
+"""The train-step factory: make_train_step(config, model, tx) -> jitted step(state, batch) -> (state, metrics).
+
+The loss is mean cross-entropy over real tokens (optional logit z-loss) plus the MoE load-balance and
+router z-losses. Gradient accumulation is real: micro-batch gradients are summed inside one step and
+one optimizer update is applied. A non-finite loss or gradient skips the update and is counted.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  model_state: Any  # non-trainable model variables (e.g. the MoE aux-free bias); {} when none
+  rng: jax.Array
+  skipped: jax.Array  # consecutive non-finite updates skipped so far
+
+  @classmethod
+  def create(cls, params, tx: optax.GradientTransformation, rng: jax.Array, model_state=None) -> "TrainState":
+    return cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+               model_state=model_state or {}, rng=rng, skipped=jnp.zeros((), jnp.int32))
+
+
+def cross_entropy(logits_BTV: jax.Array, targets_BT: jax.Array, weights_BT: Optional[jax.Array] = None):
+  """(sum of token losses, sum of weights, sum of logsumexp^2) in float32."""
+  logits_BTV = logits_BTV.astype(jnp.float32)
+  lse_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
+  target_logit_BT = jnp.take_along_axis(logits_BTV, targets_BT[..., None], axis=-1)[..., 0]
+  if weights_BT is None:
+    weights_BT = jnp.ones_like(lse_BT)
+  nll = jnp.sum((lse_BT - target_logit_BT) * weights_BT)
+  return nll, jnp.sum(weights_BT), jnp.sum(jnp.square(lse_BT) * weights_BT)
+
+
+def make_loss_fn(config, model):
+  t = config.trainer
+
+  def loss_fn(params, model_state, batch):
+    logits, aux, _ = model.apply({"params": params, **model_state}, batch["inputs"])
+    nll, count, z = cross_entropy(logits, batch["targets"], batch.get("weights"))
+    ce = nll / jnp.maximum(count, 1.0)
+    loss = ce + t.z_loss_alpha * z / jnp.maximum(count, 1.0)
+    metrics = {"ce": ce}
+    if aux:
+      loss = loss + t.load_balance_alpha * aux["load_balance"] + t.router_z_loss_alpha * aux["router_z"]
+      metrics.update(aux)
+    return loss, metrics
+
+  return loss_fn
+
+
+def _accumulated_grads(loss_fn, params, model_state, batch, steps: int):
+  """Mean loss and gradients over `steps` equal micro-batches (summed, then divided once)."""
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  if steps == 1:
+    (loss, metrics), grads = grad_fn(params, model_state, batch)
+    return loss, metrics, grads
+  micro = jax.tree_util.tree_map(lambda x: x.reshape((steps, x.shape[0] // steps) + x.shape[1:]), batch)
+
+  def body(carry, mb):
+    loss_sum, grad_sum = carry
+    (loss, metrics), grads = grad_fn(params, model_state, mb)
+    return (loss_sum + loss, jax.tree_util.tree_map(jnp.add, grad_sum, grads)), metrics
+
+  zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+  (loss_sum, grad_sum), metrics = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros), micro)
+  metrics = jax.tree_util.tree_map(lambda m: jnp.mean(m, axis=0), metrics)
+  return loss_sum / steps, metrics, jax.tree_util.tree_map(lambda g: g / steps, grad_sum)
+
+
+def make_train_step(config, model, tx: optax.GradientTransformation, schedule: optax.Schedule,
+                    state_sharding=None, batch_sharding=None, donate: bool = True):
+  """Returns jit(step)(state, batch) -> (state, metrics) with the state donated."""
+  loss_fn = make_loss_fn(config, model)
+  accum = config.trainer.gradient_accumulation
+
+  def step(state: TrainState, batch):
+    loss, metrics, grads = _accumulated_grads(loss_fn, state.params, state.model_state, batch, accum)
+    grad_norm = optax.global_norm(grads)
+    updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
+    new_params = optax.apply_updates(state.params, updates)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep = lambda new, old: jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, old)
+    new_model_state = update_model_state(config, state.model_state, metrics)
+    new_state = state.replace(
+        step=state.step + 1,
+        params=keep(new_params, state.params),
+        opt_state=keep(new_opt_state, state.opt_state),
+        model_state=keep(new_model_state, state.model_state),
+        skipped=jnp.where(finite, 0, state.skipped + 1))
+    metrics = dict(metrics, loss=loss, grad_norm=grad_norm, learning_rate=schedule(state.step),
+                   skipped=(~finite).astype(jnp.int32))
+    return new_state, metrics
+
+  shardings = {}
+  if state_sharding is not None:
+    shardings = dict(in_shardings=(state_sharding, batch_sharding), out_shardings=(state_sharding, None))
+  return jax.jit(step, donate_argnums=(0,) if donate else (), **shardings)
+
+
+def update_model_state(config, model_state, metrics):
+  """Updates non-trainable model variables outside the optimizer (the MoE aux-free bias)."""
+  if not model_state or "moe_bias" not in model_state:
+    return model_state
+  from mla_jax.layers.moe import update_aux_free_bias  # pylint: disable=g-import-not-at-top
+  rate = config.model.aux_free_bias_rate
+  names = sorted(model_state["moe_bias"], key=lambda n: int(n.split("_")[-1]))
+  loads = metrics["load"]  # [moe_layers, E], in layer order
+  new = {name: {"moe": {"bias": update_aux_free_bias(model_state["moe_bias"][name]["moe"]["bias"], loads[i], rate)}}
+         for i, name in enumerate(names)}
+  return dict(model_state, moe_bias=new)
+
+
+def make_eval_step(model, state_sharding=None, batch_sharding=None):
+  """jit(eval)(params, model_state, batch) -> (sum of token losses, token count)."""
+
+  def eval_step(params, model_state, batch):
+    logits, _, _ = model.apply({"params": params, **model_state}, batch["inputs"])
+    nll, count, _ = cross_entropy(logits, batch["targets"], batch.get("weights"))
+    return nll, count
+
+  return jax.jit(eval_step)

@@ -1,0 +1,101 @@
+"""The whole language model: shapes, causality through gradients, parameter and FLOP counts, learning."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from mla_jax.model import LanguageModel, count_params, flops_per_token, forward, init_params
+from mla_jax.train_step import cross_entropy
+
+from conftest import tiny_model_config
+
+KINDS = ["gqa", "mla", "mla_noq"]
+
+
+class ModelShapeTest(chex.TestCase):
+
+  @chex.variants(with_jit=True)
+  def test_logits_shape_and_dtype(self):
+    cfg = tiny_model_config("mla")
+    params, specs = init_params(cfg, jax.random.PRNGKey(0))
+    logits, aux, caches = self.variant(lambda p, t: LanguageModel(cfg).apply({"params": p}, t))(
+        params, jnp.zeros((3, 11), jnp.int32))
+    chex.assert_shape(logits, (3, 11, cfg.vocab_size))
+    assert logits.dtype == jnp.float32 and aux == {} and caches is None
+    chex.assert_tree_all_finite(logits)
+    # every parameter carries logical axis names, one per dimension
+    for leaf, spec in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(
+        specs, is_leaf=lambda s: isinstance(s, jax.sharding.PartitionSpec))):
+      assert len(spec) == leaf.ndim and all(isinstance(n, str) for n in spec)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_causality_through_gradients(kind):
+  """d logits[t] / d embedding(token at s) is zero for s > t and non-zero for s <= t."""
+  cfg = tiny_model_config(kind)
+  params, _ = init_params(cfg, jax.random.PRNGKey(0))
+  T, t = 10, 5
+  tokens = jnp.arange(T, dtype=jnp.int32)[None] + 3  # distinct tokens: one embedding row per position
+  model = LanguageModel(cfg)
+
+  @jax.jit
+  def grad_per_position(p):
+    g = jax.grad(lambda p: model.apply({"params": p}, tokens)[0][0, t].sum())(p)
+    return jnp.abs(g["embedding"][tokens[0]]).sum(-1)
+
+  g = np.asarray(grad_per_position(params))
+  assert np.all(g[t + 1:] == 0.0), g
+  assert np.all(g[: t + 1] > 0.0), g
+
+
+def test_param_counts_by_kind():
+  cfg = tiny_model_config("mla", tie_embeddings=True)
+  params, _ = init_params(cfg, jax.random.PRNGKey(0))
+  counts = count_params(cfg, params)
+  assert counts["total"] == sum(x.size for x in jax.tree_util.tree_leaves(params))
+  assert "lm_head" not in counts and counts["embedding"] == cfg.vocab_size * 64
+  D, C, Q, H, Dn, Dr = 64, 32, 48, 4, 16, 8
+  per_layer_mla = D * Q + Q + Q * H * (Dn + Dr) + D * (C + Dr) + C + C * H * Dn * 2 + H * Dn * D
+  assert counts["mla"] == 2 * per_layer_mla
+  assert counts["mlp"] == 2 * 3 * D * cfg.intermediate_size
+  flops = flops_per_token(cfg, params, 32)
+  matmul_params = counts["total"] - counts["vectors"]  # tied head: embedding used once as a matmul
+  assert flops["matmul"] == 6 * matmul_params
+  assert flops["attention"] == 2 * 3 * 2 * H * (Dn + Dr + Dn) * 32 / 2
+
+
+def test_forward_function_matches_apply():
+  cfg = tiny_model_config("gqa")
+  params, _ = init_params(cfg, jax.random.PRNGKey(0))
+  tokens = np.array([[1, 2, 3, 4]])
+  np.testing.assert_allclose(forward(cfg, params, tokens), LanguageModel(cfg).apply({"params": params}, tokens)[0])
+
+
+@pytest.mark.parametrize("kind", ["gqa", "mla"])
+def test_loss_falls_on_a_fixed_batch(kind):
+  cfg = tiny_model_config(kind)
+  params, _ = init_params(cfg, jax.random.PRNGKey(0))
+  tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 17), 0, cfg.vocab_size)
+  model = LanguageModel(cfg)
+  tx = optax.adam(3e-3)
+
+  def loss_fn(p):
+    nll, count, _ = cross_entropy(model.apply({"params": p}, tokens[:, :-1])[0], tokens[:, 1:])
+    return nll / count
+
+  @jax.jit
+  def step(p, s):
+    loss, g = jax.value_and_grad(loss_fn)(p)
+    u, s = tx.update(g, s, p)
+    return optax.apply_updates(p, u), s, loss
+
+  state = tx.init(params)
+  losses = []
+  for _ in range(40):
+    params, state, loss = step(params, state)
+    losses.append(float(loss))
+  assert losses[0] > np.log(cfg.vocab_size) - 0.5
+  assert losses[-1] < 0.5 * losses[0], losses
