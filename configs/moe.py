@@ -1,0 +1,25 @@
+r"""The seed's "MLA + MoE" example: configs/mla.py with a DeepSeek-MoE feed-forward in every layer.
+
+  python -m mla_jax.train --config=configs/moe.py --workdir=runs/moe
+  python -m mla_jax.train --config=configs/moe.py:quick --workdir=runs/moe_quick   # a short CPU run
+
+4 routed experts, top-2, one shared expert (added unweighted), load_balance_alpha 0.01. As in the seed,
+every expert (routed and shared) has the dense model's intermediate_size (2048); set
+model.moe_intermediate_size to make experts narrower. Dispatch is dropless (sort + grouped matmul);
+`--config.model.moe_dispatch=capacity` drops tokens over `capacity_factor` and can shard experts.
+"""
+
+from configs import mla
+
+
+def get_config(arg=None):
+  config = mla.get_config(arg)
+  m = config.model
+  m.name = "moe"
+  m.num_experts = 4
+  m.experts_per_tok = 2
+  m.shared_expert_enabled = True
+  m.num_shared_experts = 1
+  config.trainer.load_balance_alpha = 0.01
+  config.trainer.router_z_loss_alpha = 0.001
+  return config
