@@ -125,7 +125,8 @@ def default_config() -> ml_collections.ConfigDict:
   t.eval_interval = 200
   t.eval_steps = 8
   t.save_interval = 500
-  t.max_checkpoints = 3
+  t.max_checkpoints = 3  # newest checkpoints kept; 0 keeps all
+  t.keep_best = False  # also keep the checkpoint with the lowest validation loss (evaluates at each save)
   t.max_skipped_steps = 10  # stop after this many consecutive non-finite updates
   t.seed = 0
   # Seed-trainer keys that are read but do nothing here (a warning says so when they are set).
@@ -257,6 +258,9 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     _positive(f, "model.capacity_factor")
     if f["model.shared_expert_enabled"]:
       _positive(f, "model.num_shared_experts")
+  if f["model.scan_layers"] and f["model.aux_free_bias"]:
+    raise ConfigError("model.scan_layers", "cannot be combined with model.aux_free_bias (the bias update "
+                      "addresses unscanned layers)")
   if f["model.first_dense_layers"] > f["model.num_layers"]:
     raise ConfigError("model.first_dense_layers", "must not exceed num_layers")
 
@@ -402,6 +406,15 @@ class ModelConfig:
   def mixer_kind(self, layer: int) -> str:
     """'mamba2', 'mla' or 'gqa' for layer `layer`."""
     return "mamba2" if self.layer_kinds[layer] == "mamba" else self.attention_kind
+
+  @property
+  def scan_period(self) -> int:
+    """The shortest repeating super-block: layers i and i + period always have the same kinds."""
+    kinds = [(self.mixer_kind(i), self.ffn_kind(i)) for i in range(self.num_layers)]
+    for period in range(1, self.num_layers + 1):
+      if self.num_layers % period == 0 and all(kinds[i] == kinds[i % period] for i in range(self.num_layers)):
+        return period
+    return self.num_layers
 
   @classmethod
   def from_config(cls, cfg: ml_collections.ConfigDict, vocab_size: Optional[int] = None) -> "ModelConfig":

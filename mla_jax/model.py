@@ -59,6 +59,34 @@ class Block(nn.Module):
     return x_BTD, new_cache, aux
 
 
+class SuperBlock(nn.Module):
+  """`period` consecutive blocks: the body that `nn.scan` repeats when cfg.scan_layers is set."""
+
+  cfg: ModelConfig
+  period: int
+
+  @nn.compact
+  def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array):
+    auxes = []
+    for j in range(self.period):
+      x_BTD, _, aux = Block(self.cfg, j, name=f"layer_{j}")(x_BTD, positions_BT)
+      auxes.append(aux)
+    return x_BTD, auxes
+
+
+def scanned_blocks(cfg: ModelConfig, x_BTD: jax.Array, positions_BT: jax.Array) -> tuple[jax.Array, list[dict]]:
+  """Runs the stack as nn.scan over its repeating super-block (params stacked on a leading 'layers'
+  axis), so the compiled program holds one super-block whatever the depth. Returns per-layer MoE aux."""
+  period = cfg.scan_period
+  repeats = cfg.num_layers // period
+  scan = nn.scan(SuperBlock, variable_axes={"params": 0}, split_rngs={"params": True},
+                 in_axes=(nn.broadcast,), length=repeats, metadata_params={nn.PARTITION_NAME: "layers"})
+  x_BTD, auxes = scan(cfg, period, name="layers")(x_BTD, positions_BT)
+  layer_aux = [jax.tree_util.tree_map(lambda a, r=r: a[r], auxes[j])
+               for r in range(repeats) for j in range(period) if auxes[j]]
+  return x_BTD, layer_aux
+
+
 class LanguageModel(nn.Module):
   """tokens [B, T] -> (logits [B, T, V] float32, aux, new_caches).
 
@@ -82,7 +110,11 @@ class LanguageModel(nn.Module):
         (cfg.vocab_size, cfg.hidden_size), jnp.float32)
     x_BTD = nn.with_logical_constraint(jnp.take(embedding_VD, tokens_BT, axis=0).astype(dtype), ACTIVATION_AXES)
     new_caches, layer_aux = [], []
-    for i in range(cfg.num_layers):
+    if cfg.scan_layers:
+      if caches is not None:
+        raise ValueError("decoding with caches needs unscanned layers: set model.scan_layers=False")
+      x_BTD, layer_aux = scanned_blocks(cfg, x_BTD, positions_BT)
+    for i in range(0 if cfg.scan_layers else cfg.num_layers):
       x_BTD, new_cache, aux = Block(cfg, i, name=f"layer_{i}")(x_BTD, positions_BT,
                                                                None if caches is None else caches[i])
       new_caches.append(new_cache)
@@ -140,7 +172,7 @@ def count_params(cfg: ModelConfig, params) -> dict[str, int]:
     counts[kind] = counts.get(kind, 0) + n
     counts["total"] += n
     active = n
-    if kind == "moe" and leaf.ndim == 3 and leaf.shape[0] == cfg.num_experts:
+    if kind == "moe" and names[-1] in ("w_gate", "w_up", "w_down"):
       active = n * cfg.experts_per_tok // cfg.num_experts
     counts["active"] += active
     if leaf.ndim <= 1:
