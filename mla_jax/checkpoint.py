@@ -1,40 +1,111 @@
 """Checkpoints: an orbax CheckpointManager holding the train state and a JSON record per step.
 
 Each step directory holds `state` (params, optimizer state, step, RNG, non-trainable model variables)
-and `meta` (data-iterator position and the resolved config). Orbax writes into a temporary directory
-and renames it when complete, so a save killed half-way never replaces the last good checkpoint.
+and `meta` (data-iterator position, the resolved config and, when known, the validation loss). Orbax
+writes into `<step>.orbax-checkpoint-tmp-*` and renames it when complete, so a save killed half-way
+never replaces the last good checkpoint; leftover temporary directories are removed on the next start.
+
+Retention keeps the `max_to_keep` newest checkpoints and, with `keep_best`, also the one with the lowest
+validation loss. `restore_latest` checks the saved shapes against the target before reading (a mismatch
+is a CheckpointError naming the first differing path) and falls back past unreadable checkpoints,
+moving them to `<workdir>/checkpoints.corrupt/`. Restores read into abstract arrays that carry the
+target's shardings, so a checkpoint written on one device count loads onto another.
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import math
 import os
-from typing import Any, Optional
+import shutil
+import sys
+from typing import Any, Callable, Optional
 
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as ocp_policies
 
-from mla_jax.errors import CheckpointError
+from mla_jax.errors import CheckpointError, WorkdirError
+
+_MiB = 1 << 20
 
 
 def checkpoint_dir(workdir: str) -> str:
   return os.path.join(os.path.abspath(workdir), "checkpoints")
 
 
-class Checkpointer:
+def corrupt_dir(workdir: str) -> str:
+  return os.path.join(os.path.abspath(workdir), "checkpoints.corrupt")
 
-  def __init__(self, workdir: str, max_to_keep: int = 3, async_save: bool = True):
+
+def _warn(text: str) -> None:
+  print(f"warning: {text}", file=sys.stderr, flush=True)
+
+
+def _reason(error: BaseException) -> str:
+  text = " ".join(str(error).split()) or type(error).__name__
+  return text if len(text) <= 300 else text[:297] + "..."
+
+
+class Checkpointer:
+  """Saves and restores (state, meta) under `<workdir>/checkpoints/<step>`."""
+
+  def __init__(self, workdir: str, max_to_keep: int = 3, async_save: bool = True, keep_best: bool = False):
+    self.workdir = os.path.abspath(workdir)
     self.directory = checkpoint_dir(workdir)
-    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep or None, create=True,
-                                           enable_async_checkpointing=async_save)
-    self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
+    self.keep_best = keep_best
+    policy = ocp_policies.LatestN(n=max_to_keep or None)
+    best_fn = None
+    if keep_best:  # metrics are written with each step (orbax does so when best_fn is set)
+      best_fn = lambda metrics: metrics.get("val_loss", math.inf)
+      policy = ocp_policies.AnyPreservationPolicy([policy, ocp_policies.BestN(get_metric_fn=best_fn, reverse=True,
+                                                                              n=1)])
+    options = ocp.CheckpointManagerOptions(preservation_policy=policy, best_fn=best_fn, best_mode="min", create=True,
+                                           cleanup_tmp_directories=True, enable_async_checkpointing=async_save)
+    try:
+      self.manager = ocp.CheckpointManager(
+          self.directory, options=options,
+          item_handlers={"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
+    except OSError as e:
+      raise WorkdirError(f"cannot use checkpoint directory {self.directory}: {_reason(e)}") from e
+    self._pending: Optional[int] = None  # step of a save that may still be writing in the background
 
   def save(self, step: int, state, data_state: dict, config: ml_collections.ConfigDict,
-           extra: Optional[dict] = None) -> None:
-    meta = {"step": int(step), "data": data_state, "config": config.to_json(), **(extra or {})}
-    self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                    meta=ocp.args.JsonSave(meta)), force=True)
+           val_loss: Optional[float] = None) -> None:
+    """Starts saving `step` (asynchronously when enabled); a failed save raises CheckpointError."""
+    self.wait()
+    meta = {"step": int(step), "data": data_state, "config": config.to_json()}
+    if val_loss is not None:
+      meta["val_loss"] = float(val_loss)
+    metrics = None
+    if self.keep_best:  # a save without a validation loss (e.g. on SIGTERM) is never the best
+      metrics = {"val_loss": float(val_loss)} if val_loss is not None else {}
+    try:
+      self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                      meta=ocp.args.JsonSave(meta)),
+                        metrics=metrics, force=True)
+    except Exception as e:  # orbax and tensorstore raise many types (OSError, ValueError, RuntimeError)
+      raise self._save_error(step, e) from e
+    self._pending = int(step)
+
+  def wait(self) -> None:
+    """Blocks until a background save has finished; raises CheckpointError if it failed."""
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      step, self._pending = self._pending, None
+      raise self._save_error(step, e) from e
+    self._pending = None
+
+  def _save_error(self, step: Optional[int], error: BaseException) -> CheckpointError:
+    self.manager.reload()
+    good = self.latest_step()
+    kept = f"the last complete checkpoint is step {good}" if good is not None else "no earlier checkpoint exists"
+    hint = " (disk full)" if getattr(error, "errno", None) == errno.ENOSPC else ""
+    return CheckpointError(f"saving checkpoint step {step} in {self.directory} failed{hint}: {_reason(error)}; "
+                           f"{kept}, unchanged")
 
   def latest_step(self) -> Optional[int]:
     return self.manager.latest_step()
@@ -42,26 +113,160 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
 
+  def best_step(self) -> Optional[tuple[int, float]]:
+    """(step, validation loss) of the kept checkpoint with the lowest validation loss, if any has one."""
+    scored = []
+    for step in self.all_steps():
+      metrics = self.manager.metrics(step)
+      if metrics and "val_loss" in metrics:
+        scored.append((float(metrics["val_loss"]), step))
+    return (min(scored)[1], min(scored)[0]) if scored else None
+
+  def check_compatible(self, step: int, abstract_state) -> None:
+    """Raises CheckpointError naming the first path whose saved shape differs from `abstract_state`."""
+    saved = {_path_name(p): tuple(leaf.shape)
+             for p, leaf in jax.tree_util.tree_flatten_with_path(self._state_metadata(step))[0]
+             if hasattr(leaf, "shape")}
+    target = [(_path_name(p), tuple(leaf.shape))
+              for p, leaf in jax.tree_util.tree_flatten_with_path(abstract_state)[0]]
+    where = f"checkpoint {os.path.join(self.directory, str(step))} does not match the config"
+    for name, shape in target:
+      if name not in saved:
+        raise CheckpointError(f"{where}: {name} {shape} is in the config but not in the checkpoint")
+      if saved[name] != shape:
+        raise CheckpointError(f"{where}: {name} has shape {saved[name]} in the checkpoint but {shape} "
+                              "in the config")
+    extra = sorted(set(saved) - {name for name, _ in target})
+    if extra:
+      raise CheckpointError(f"{where}: {extra[0]} {saved[extra[0]]} is in the checkpoint but not in the config")
+
+  def _state_metadata(self, step: int):
+    metadata = self.manager.item_metadata(step)["state"]
+    if metadata is None:
+      raise ValueError("no state metadata")
+    return metadata.tree if hasattr(metadata, "tree") else metadata
+
   def restore(self, step: int, abstract_state) -> tuple[Any, dict]:
-    """Restores (state, meta) at `step` into the structure/shardings of `abstract_state`."""
+    """Restores (state, meta) at `step` into the structure and shardings of `abstract_state`."""
+    self.check_compatible(step, abstract_state)
     restored = self.manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
-    return restored["state"], restored["meta"]
+    meta = restored["meta"]
+    if not isinstance(meta, dict) or "data" not in meta or "config" not in meta:
+      raise ValueError("the meta record lacks the data-iterator state or the config")
+    return restored["state"], meta
+
+  def restore_latest(self, abstract_state, warn: Callable[[str], None] = _warn):
+    """(step, state, meta) of the newest readable checkpoint, or None when there is none.
+
+    Unreadable checkpoints newer than it are moved to `<workdir>/checkpoints.corrupt/` with a warning.
+    A shape mismatch raises CheckpointError at once. If every checkpoint is unreadable nothing is moved
+    and a CheckpointError lists them.
+    """
+    bad = []
+    for step in reversed(self.all_steps()):
+      try:
+        state, meta = self.restore(step, abstract_state)
+      except CheckpointError:
+        raise
+      except Exception as e:  # pylint: disable=broad-except  # truncated or corrupt files fail in many ways
+        bad.append((step, e))
+        continue
+      for bad_step, error in bad:
+        moved = self._move_aside(bad_step)
+        warn(f"checkpoint {os.path.join(self.directory, str(bad_step))} is unreadable ({_reason(error)}); "
+             f"moved it to {moved} and resuming from step {step}")
+      if bad:
+        self.manager.reload()
+      return step, state, meta
+    if bad:
+      listed = "; ".join(f"step {s}: {_reason(e)}" for s, e in bad)
+      raise CheckpointError(f"no readable checkpoint in {self.directory} ({listed}); move that directory "
+                            "aside to start from scratch")
+    return None
+
+  def _move_aside(self, step: int) -> str:
+    dest_root = corrupt_dir(self.workdir)
+    os.makedirs(dest_root, exist_ok=True)
+    dest, n = os.path.join(dest_root, str(step)), 1
+    while os.path.exists(dest):
+      dest, n = os.path.join(dest_root, f"{step}.{n}"), n + 1
+    os.rename(os.path.join(self.directory, str(step)), dest)
+    return dest
 
   def restore_meta(self, step: int) -> dict:
     return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
-  def wait(self) -> None:
-    self.manager.wait_until_finished()
-
   def close(self) -> None:
-    self.manager.wait_until_finished()
-    self.manager.close()
+    """Waits for a background save (raising CheckpointError if it failed), then releases the manager."""
+    try:
+      self.wait()
+    finally:
+      self.manager.close()
 
 
-def abstract(tree):
-  """ShapeDtypeStructs (with shardings) describing `tree`, the target for a restore."""
-  return jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, tree)
+def _path_name(path) -> str:
+  parts = []
+  for key in path:
+    for attr in ("name", "key", "idx"):
+      if hasattr(key, attr):
+        parts.append(str(getattr(key, attr)))
+        break
+    else:
+      parts.append(str(key))
+  return "/".join(parts)
+
+
+def abstract(tree, shardings=None):
+  """ShapeDtypeStructs describing `tree`, the target for a restore.
+
+  Each leaf carries the sharding it should be restored onto: `shardings` (a matching tree, or one
+  Sharding for every leaf) when given, else the sharding of the leaf in `tree`.
+  """
+  if shardings is None:
+    return jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, tree)
+  if isinstance(shardings, jax.sharding.Sharding):
+    return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=shardings), tree)
+  return jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def state_bytes(tree) -> int:
+  """Bytes of all array leaves: an estimate of one checkpoint's size on disk."""
+  return sum(int(x.size) * x.dtype.itemsize for x in jax.tree_util.tree_leaves(tree) if hasattr(x, "dtype"))
+
+
+def prepare_workdir(workdir: str) -> None:
+  """Creates `workdir` and proves it writable with a probe file; raises WorkdirError otherwise."""
+  workdir = os.path.abspath(workdir)
+  try:
+    ckpt = checkpoint_dir(workdir)
+    for path in (workdir, ckpt):
+      if os.path.exists(path) and not os.path.isdir(path):
+        raise NotADirectoryError(errno.ENOTDIR, "exists and is not a directory", path)
+    os.makedirs(workdir, exist_ok=True)
+    for directory in (workdir, ckpt) if os.path.isdir(ckpt) else (workdir,):
+      probe = os.path.join(directory, f".write_probe.{os.getpid()}")
+      with open(probe, "wb") as f:
+        f.write(b"\0" * 4096)
+        f.flush()
+        os.fsync(f.fileno())
+      os.remove(probe)
+  except OSError as e:
+    raise WorkdirError(f"workdir {workdir} is not usable: {_reason(e)}") from e
+
+
+def check_free_space(workdir: str, checkpoint_bytes: int, keep: int) -> Optional[str]:
+  """Raises WorkdirError if one checkpoint cannot fit; returns a warning if `keep` + 1 of them may not."""
+  free = shutil.disk_usage(os.path.abspath(workdir)).free
+  margin = 16 * _MiB  # metrics, the loss plot and orbax metadata
+  if free < checkpoint_bytes + margin:
+    raise WorkdirError(f"workdir {os.path.abspath(workdir)} has {free / _MiB:,.1f} MiB free but one checkpoint "
+                       f"needs about {(checkpoint_bytes + margin) / _MiB:,.1f} MiB")
+  need = (keep + 1) * checkpoint_bytes + margin
+  if keep and free < need:
+    return (f"workdir {os.path.abspath(workdir)} has {free / _MiB:,.1f} MiB free; keeping {keep} checkpoints "
+            f"(plus one being written) needs about {need / _MiB:,.1f} MiB")
+  return None
 
 
 def config_from_meta(meta: dict) -> ml_collections.ConfigDict:

@@ -34,6 +34,11 @@ def parse_flags(argv: Optional[list[str]] = None) -> None:
     flags.FLAGS.validate_all_flags()
   except Exception as e:  # config files and overrides raise many exception types
     fail(one_line(e))
+  for name in flags.FLAGS:  # a config file that failed to load is only reported when first read
+    value = flags.FLAGS[name].value
+    if type(value).__name__ == "_ErrorConfig":
+      path = getattr(flags.FLAGS[name], "config_filename", "")
+      fail(f"flag --{name}: cannot load config file {path!r} (missing or unreadable)")
   logging.set_verbosity(logging.WARNING)
   logging.use_python_logging(quiet=True)
 

@@ -18,9 +18,10 @@ import ml_collections
 from mla_jax.errors import ConfigError
 
 # Logical axis names used by the layers, mapped to mesh axes (MaxText style). A logical name may map
-# to one mesh axis, a tuple of mesh axes, or None (replicated).
+# to one mesh axis, a tuple of mesh axes, or None (replicated). The batch is split over data, fsdp and
+# expert: outside the MoE layers the expert axis is one more data-parallel axis (mla_jax.sharding).
 DEFAULT_LOGICAL_AXIS_RULES = (
-    ("batch", ("data", "fsdp")),
+    ("batch", ("data", "fsdp", "expert")),
     ("activation_length", None),
     ("activation_embed", None),
     ("activation_heads", "tensor"),
@@ -31,8 +32,8 @@ DEFAULT_LOGICAL_AXIS_RULES = (
     ("heads", "tensor"),
     ("kv_heads", "tensor"),
     ("head_dim", None),
-    ("q_latent", None),
-    ("kv_latent", None),
+    ("q_latent", "fsdp"),  # MLA up-projections [latent, heads, head_dim]: split under FSDP too
+    ("kv_latent", "fsdp"),  # (a kernel whose `embed` axis already took fsdp keeps its latent whole)
     ("mlp", "tensor"),
     ("expert", "expert"),
     ("expert_mlp", "tensor"),
@@ -42,7 +43,7 @@ DEFAULT_LOGICAL_AXIS_RULES = (
     ("conv", None),
     ("norm", None),
     ("layers", None),
-    ("cache_batch", ("data", "fsdp")),
+    ("cache_batch", ("data", "fsdp", "expert")),
     ("cache_sequence", None),
     ("cache_heads", "tensor"),
     ("cache_kv", None),
@@ -148,11 +149,14 @@ def default_config() -> ml_collections.ConfigDict:
   s.temperature = 0.8
   s.top_k = 40
 
+  # Device mesh (mla_jax.sharding). The product is the device count; one axis may be -1 (the rest).
+  # Presets: data parallel  mesh.data=-1 (default) | FSDP  mesh.fsdp=-1 mesh.data=1
+  #          FSDP + tensor  mesh.fsdp=-1 mesh.data=1 mesh.tensor=2 | expert parallel  mesh.expert=4
   c.mesh = ms = ml_collections.ConfigDict()
-  ms.data = -1  # -1: the devices left after the other axes
-  ms.fsdp = 1
-  ms.tensor = 1
-  ms.expert = 1
+  ms.data = -1  # pure data parallelism: params replicated, batch split
+  ms.fsdp = 1  # params and optimizer state split on `embed`, batch split (ZeRO-3)
+  ms.tensor = 1  # heads, mlp, vocab and Mamba2 heads split (num_heads etc. must divide)
+  ms.expert = 1  # MoE experts split (num_experts must divide); batch split outside the experts
 
   c.logical_axis_rules = DEFAULT_LOGICAL_AXIS_RULES
   return c

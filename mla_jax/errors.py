@@ -20,3 +20,11 @@ class DataError(UserError, ValueError):
 
 class CheckpointError(UserError, ValueError):
   """A checkpoint is missing, corrupt or does not match the config. The message names it."""
+
+
+class WorkdirError(UserError, OSError):
+  """The workdir cannot be created or written, or lacks the space for a checkpoint. The message names it."""
+
+
+class TrainingError(UserError, RuntimeError):
+  """Training cannot go on (e.g. too many consecutive non-finite updates). The message names the step."""

@@ -37,15 +37,16 @@ def sample_without_cache(model, variables, prompt_ids, max_new_tokens: int, rng:
   buf = np.zeros((1, length), np.int32)
   buf[0, :len(prompt)] = prompt
 
+  # The variables are an argument, not a closure: sharded over several processes they cannot be constants.
   @jax.jit
-  def next_token(tokens, pos, key):
+  def next_token(variables, tokens, pos, key):
     logits, _, _ = model.apply(variables, tokens)
     return sample_logits(logits[:, pos], key, temperature, top_k)
 
   out = []
   for pos in range(len(prompt) - 1, length - 1):
     rng, key = jax.random.split(rng)
-    token = int(next_token(jnp.asarray(buf), pos, key)[0])
+    token = int(next_token(variables, buf, pos, key)[0])
     buf[0, pos + 1] = token
     out.append(token)
   return out

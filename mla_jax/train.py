@@ -6,7 +6,9 @@ r"""Training entry point.
 Prints the resolved config, the parameter count and the FLOPs per step, compiles the step once, shows
 progress (loss, tokens/s, ETA), writes metrics.jsonl, evaluates periodically, saves orbax checkpoints
 every `trainer.save_interval` steps and at the end, and finishes with a loss-curve PNG and sample text.
-A workdir that already holds checkpoints resumes from the latest one.
+A workdir that already holds checkpoints resumes from the newest readable one (see checkpoint.py).
+SIGTERM or SIGINT finishes the current step, saves, prints the command that resumes and exits with
+128 + the signal number; a second SIGINT interrupts at once.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shlex
 import sys
 import time
 from typing import Optional
@@ -26,10 +29,13 @@ import numpy as np
 from mla_jax import checkpoint as ckpt_lib
 from mla_jax import cli
 from mla_jax import config as config_lib
+from mla_jax import distributed
+from mla_jax import sharding as sharding_lib
+from mla_jax import preemption
 from mla_jax.data import BatchIterator, eval_batches, load_corpus, load_tokenizer
 from mla_jax.data.tokenizer import padded_vocab_size
 from mla_jax.errors import ConfigError
-from mla_jax.model import LanguageModel, count_params, flops_per_token, init_params
+from mla_jax.model import LanguageModel, count_params, flops_per_token
 from mla_jax.optim import make_optimizer, make_schedule
 from mla_jax.sampling import sample_without_cache
 from mla_jax.train_step import TrainState, make_eval_step, make_train_step
@@ -109,38 +115,47 @@ def save_loss_curve(path: str, history: list[dict]) -> None:
   plt.close(fig)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stream=sys.stdout) -> dict:
-  """Runs (or resumes) training in `workdir`; returns the final metrics."""
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stream=sys.stdout,
+                       argv: Optional[list[str]] = None) -> dict:
+  """Runs (or resumes) training in `workdir`; returns the final metrics.
+
+  `argv` (the command-line flags) makes the resume hint printed after SIGTERM/SIGINT exact. A stopped
+  run returns {"stopped_by": signal name, "step": last saved step}.
+  """
   config_lib.validate(config)
   t = config.trainer
-  os.makedirs(workdir, exist_ok=True)
+  if t.keep_best and not t.eval_steps:
+    raise ConfigError("trainer.keep_best", "needs trainer.eval_steps > 0 (checkpoints are ranked by "
+                      "validation loss)")
+  ckpt_lib.prepare_workdir(workdir)
+  mesh = sharding_lib.make_mesh(config)  # checks the mesh, batch, heads and experts against the devices
+  if not distributed.is_main():
+    stream = open(os.devnull, "w")  # only process 0 prints
   say = lambda text: (stream.write(text + "\n"), stream.flush())
 
   tokenizer = load_tokenizer(config.data.tokenizer)
   cfg = resolve_model_config(config, tokenizer)
   corpus = load_corpus(config.data, tokenizer, config.model.vocab_size)
   T = config_lib.seq_len(config)
-  iterator = BatchIterator(corpus.train, t.batch_size, T, t.seed, corpus.source)
+  iterator = BatchIterator(corpus.train, t.batch_size, T, t.seed, corpus.source,
+                           *sharding_lib.data_shard(config, mesh))
   val_batches = eval_batches(corpus.val, t.batch_size, T, t.eval_steps, corpus.source) if t.eval_steps else []
   steps = total_steps(config, iterator)
 
   model = LanguageModel(cfg)
   rng = jax.random.PRNGKey(t.seed)
-  init_rng, state_rng = jax.random.split(rng)
-  params, _ = init_params(cfg, init_rng, T)
   schedule = make_schedule(t, steps)
   tx = make_optimizer(t, steps)
-  model_state = initial_model_state(model, cfg, T)
-  state = TrainState.create(params, tx, state_rng, model_state)
+  plan = sharding_lib.plan(config, model, tx, T, mesh)
+  state = sharding_lib.init_state(model, tx, rng, T, plan.state)  # each device builds only its own shards
+  params = state.params
+  val_batches = [plan.put_full(b) for b in val_batches]
 
-  checkpointer = ckpt_lib.Checkpointer(workdir, t.max_checkpoints)
-  start_step = 0
-  latest = checkpointer.latest_step()
-  if latest is not None:
-    state, meta = checkpointer.restore(latest, ckpt_lib.abstract(state))
-    iterator.set_state(meta["data"])
-    start_step = int(state.step)
-    say(f"Resuming from {checkpointer.directory} step {start_step}")
+  space = ckpt_lib.check_free_space(workdir, ckpt_lib.state_bytes(state), t.max_checkpoints + int(t.keep_best))
+  if space:
+    warn(space)
+  checkpointer = ckpt_lib.Checkpointer(workdir, t.max_checkpoints, keep_best=t.keep_best)
+  state, start_step = restore_checkpoint(checkpointer, state, iterator, say)
 
   counts = count_params(cfg, params)
   flops = flops_per_token(cfg, params, T)
@@ -153,49 +168,75 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stream=s
       f"{flops['matmul']:.3e}, attention {flops['attention']:.3e}, ssd {flops['ssd']:.3e})")
   say(f"Training {steps} steps of {t.batch_size} x {T} tokens on {jax.device_count()} "
       f"{jax.devices()[0].platform} device(s)")
+  say(plan.describe())
 
-  train_step = make_train_step(config, model, tx, schedule)
-  eval_step = make_eval_step(model)
+  train_step = make_train_step(config, model, tx, schedule, plan.state, plan.batch)
+  eval_step = make_eval_step(model, plan.state, plan.batch, plan.rules)
   compile_start = time.time()
-  first_batch = iterator.batch_at(iterator.step)
+  first_batch = plan.put(iterator.batch_at(iterator.step))
   train_step = train_step.lower(state, first_batch).compile()
   say(f"Compiled the train step in {time.time() - compile_start:.1f}s")
+  say(sharding_lib.memory_report(train_step))
 
   metrics_path = os.path.join(workdir, "metrics.jsonl")
-  history = _read_history(metrics_path, start_step)
+  history = _read_history(metrics_path, start_step) if distributed.is_main() else []
   progress = Progress(steps, stream)
   last_log_time, last_log_step = time.time(), start_step
   pending = None
   final = {}
-  with open(metrics_path, "a") as metrics_file:
-    for step in range(start_step, steps):
-      state, metrics = train_step(state, next(iterator))
-      done = step + 1
-      if done % t.log_interval == 0 or done == steps:
-        pending = {k: float(v) for k, v in jax.device_get(metrics).items() if np.ndim(v) == 0}
-        now = time.time()
-        tok_s = (done - last_log_step) * tokens_per_step / max(now - last_log_time, 1e-9)
-        eta = (steps - done) * tokens_per_step / max(tok_s, 1e-9)
-        last_log_time, last_log_step = now, done
-        record = {"step": done, **pending, "tokens_per_s": tok_s}
-        if "load" in metrics:
-          load = np.asarray(jax.device_get(metrics["load"]))
-          record.update(load_min=float(load.min()), load_max=float(load.max()),
-                        load_cv=float(np.mean(load.std(-1) / np.maximum(load.mean(-1), 1e-9))))
-        progress.update(done, pending, tok_s, eta)
-        _write(metrics_file, record, history)
-      if val_batches and (done % t.eval_interval == 0 or done == steps):
-        ev = evaluate(eval_step, state, val_batches)
-        progress.message(f"step {done}: validation loss {ev['val_loss']:.4f}, "
-                         f"perplexity {ev['val_perplexity']:.2f}")
-        _write(metrics_file, {"step": done, **ev}, history)
-        final.update(ev)
-      if done % t.save_interval == 0 or done == steps:
-        checkpointer.save(done, state, iterator.get_state(), config)
-  checkpointer.close()
+  guard = preemption.NonFiniteGuard(t.max_skipped_steps, int(state.skipped), report=progress.message)
+  last_saved = start_step
+  with open(metrics_path if distributed.is_main() else os.devnull, "a") as metrics_file, \
+      preemption.StopSignals() as stop:
+    try:
+      for step in range(start_step, steps):
+        state, metrics = train_step(state, plan.put(next(iterator)))
+        done = step + 1
+        guard.push(done, metrics["skipped"])
+        if done % t.log_interval == 0 or done == steps:
+          guard.flush()
+          pending = {k: float(v) for k, v in jax.device_get(metrics).items() if np.ndim(v) == 0}
+          now = time.time()
+          tok_s = (done - last_log_step) * tokens_per_step / max(now - last_log_time, 1e-9)
+          eta = (steps - done) * tokens_per_step / max(tok_s, 1e-9)
+          last_log_time, last_log_step = now, done
+          record = {"step": done, **pending, "skipped_total": guard.total, "tokens_per_s": tok_s}
+          if "load" in metrics:
+            load = np.asarray(jax.device_get(metrics["load"]))
+            record.update(load_min=float(load.min()), load_max=float(load.max()),
+                          load_cv=float(np.mean(load.std(-1) / np.maximum(load.mean(-1), 1e-9))))
+          progress.update(done, pending, tok_s, eta)
+          _write(metrics_file, record, history)
+        scheduled_save = done % t.save_interval == 0 or done == steps
+        ev = None
+        if val_batches and (done % t.eval_interval == 0 or done == steps or (t.keep_best and scheduled_save)):
+          ev = evaluate(eval_step, state, val_batches)
+          progress.message(f"step {done}: validation loss {ev['val_loss']:.4f}, "
+                           f"perplexity {ev['val_perplexity']:.2f}")
+          _write(metrics_file, {"step": done, **ev}, history)
+          final.update(ev)
+        if (scheduled_save or stop.received) and done != last_saved:
+          guard.flush()  # never save over the last good checkpoint once the skip limit is reached
+          checkpointer.save(done, state, iterator.get_state(), config, ev["val_loss"] if ev else None)
+          last_saved = done
+        if stop.received:
+          break
+      checkpointer.close()
+    except BaseException:
+      close_after_error(checkpointer)
+      raise
   final.update(pending or {})
+  final["skipped_updates"] = guard.total
+  if stop.received and last_saved < steps:
+    progress.message(f"Stopped by {stop.received} after step {last_saved}; saved "
+                     f"{os.path.join(checkpointer.directory, str(last_saved))}. To resume, run:\n"
+                     f"  cd {shlex.quote(os.getcwd())} && {preemption.resume_command(workdir, argv)}")
+    return {**final, "stopped_by": stop.received, "step": last_saved}
+  best = checkpointer.best_step() if t.keep_best else None
+  if best:
+    say(f"Best checkpoint: {os.path.join(checkpointer.directory, str(best[0]))} (validation loss {best[1]:.4f})")
 
-  if history:
+  if history and distributed.is_main():
     save_loss_curve(os.path.join(workdir, "loss.png"), history)
     say(f"Loss curve: {os.path.join(workdir, 'loss.png')}")
   first = next((h["loss"] for h in history if "loss" in h), None)
@@ -207,6 +248,38 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stream=s
         f"{config.sample.prompt}{text}")
     final["sample"] = text
   return final
+
+
+def warn(text: str) -> None:
+  print(f"warning: {text}", file=sys.stderr, flush=True)
+
+
+def restore_checkpoint(checkpointer: ckpt_lib.Checkpointer, state: TrainState, iterator: BatchIterator, say):
+  """Restores the newest readable checkpoint into the structure and shardings of `state`.
+
+  Returns (state, start step) and moves the iterator to the saved position; (state, 0) when there is none.
+  """
+  restored = checkpointer.restore_latest(ckpt_lib.abstract(state), warn=warn)
+  if restored is None:
+    return state, 0
+  _, state, meta = restored
+  saved, current = meta["data"], iterator.get_state()
+  changed = [f"{k} {saved[k]} -> {current[k]}" for k in ("seed", "batch_size", "seq_len")
+             if k in saved and saved[k] != current[k]]
+  if changed:
+    warn(f"the data order differs from the checkpoint's ({', '.join(changed)}): resumed batches are not the "
+         "ones an unbroken run would see")
+  iterator.set_state(saved)
+  say(f"Resuming from {checkpointer.directory} step {int(state.step)}")
+  return state, int(state.step)
+
+
+def close_after_error(checkpointer: ckpt_lib.Checkpointer) -> None:
+  """Lets a background save of an earlier step finish; its own failure is reported, not raised."""
+  try:
+    checkpointer.close()
+  except Exception as e:  # pylint: disable=broad-except
+    warn(cli.one_line(e))
 
 
 def initial_model_state(model: LanguageModel, cfg: config_lib.ModelConfig, seq_len: int) -> dict:
@@ -258,8 +331,14 @@ def main(argv: Optional[list[str]] = None) -> None:
   config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/hybrid.py[:arg].", lock_config=True)
   flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and plots.")
   flags.mark_flags_as_required(["config", "workdir"])
+  distributed.define_flags()
   cli.parse_flags(argv)
-  cli.run(lambda: train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir))
+  argv = list(sys.argv[1:] if argv is None else argv[1:])
+  result = {}
+  cli.run(lambda: (distributed.initialize_from_flags(),
+                   result.update(train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir, argv=argv))))
+  if result.get("stopped_by"):
+    sys.exit(preemption.exit_code(result["stopped_by"]))
 
 
 if __name__ == "__main__":

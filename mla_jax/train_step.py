@@ -64,7 +64,10 @@ def _accumulated_grads(loss_fn, params, model_state, batch, steps: int):
   if steps == 1:
     (loss, metrics), grads = grad_fn(params, model_state, batch)
     return loss, metrics, grads
-  micro = jax.tree_util.tree_map(lambda x: x.reshape((steps, x.shape[0] // steps) + x.shape[1:]), batch)
+  # Micro-batch i takes rows i, i + steps, ...: each device's block of a row-sharded batch holds an equal
+  # part of every micro-batch, so no micro-batch has to move between devices.
+  micro = jax.tree_util.tree_map(
+      lambda x: x.reshape((x.shape[0] // steps, steps) + x.shape[1:]).swapaxes(0, 1), batch)
 
   def body(carry, mb):
     loss_sum, grad_sum = carry
@@ -79,11 +82,22 @@ def _accumulated_grads(loss_fn, params, model_state, batch, steps: int):
 
 def make_train_step(config, model, tx: optax.GradientTransformation, schedule: optax.Schedule,
                     state_sharding=None, batch_sharding=None, donate: bool = True):
-  """Returns jit(step)(state, batch) -> (state, metrics) with the state donated."""
+  """Returns jit(step)(state, batch) -> (state, metrics) with the state donated.
+
+  With shardings (mla_jax.sharding.plan) the step is traced under the batch sharding's mesh and
+  `config.logical_axis_rules`, so the model's activation constraints take effect.
+  """
   loss_fn = make_loss_fn(config, model)
   accum = config.trainer.gradient_accumulation
 
   def step(state: TrainState, batch):
+    if batch_sharding is None:
+      return _step(state, batch)
+    from mla_jax.sharding import activation_rules, axis_rules  # pylint: disable=g-import-not-at-top
+    with activation_rules(batch_sharding.mesh, axis_rules(config)):
+      return _step(state, batch)
+
+  def _step(state: TrainState, batch):
     loss, metrics, grads = _accumulated_grads(loss_fn, state.params, state.model_state, batch, accum)
     grad_norm = optax.global_norm(grads)
     updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
@@ -103,7 +117,10 @@ def make_train_step(config, model, tx: optax.GradientTransformation, schedule: o
 
   shardings = {}
   if state_sharding is not None:
-    shardings = dict(in_shardings=(state_sharding, batch_sharding), out_shardings=(state_sharding, None))
+    # Metrics come back replicated, so every process can read them.
+    metrics_sharding = None if batch_sharding is None else _replicated(batch_sharding)
+    shardings = dict(in_shardings=(state_sharding, batch_sharding),
+                     out_shardings=(state_sharding, metrics_sharding))
   return jax.jit(step, donate_argnums=(0,) if donate else (), **shardings)
 
 
@@ -120,12 +137,29 @@ def update_model_state(config, model_state, metrics):
   return dict(model_state, moe_bias=new)
 
 
-def make_eval_step(model, state_sharding=None, batch_sharding=None):
-  """jit(eval)(params, model_state, batch) -> (sum of token losses, token count)."""
+def make_eval_step(model, state_sharding=None, batch_sharding=None, rules=None):
+  """jit(eval)(params, model_state, batch) -> (sum of token losses, token count).
+
+  With shardings the inputs are laid out as in training and, given `rules`, activations constrained."""
 
   def eval_step(params, model_state, batch):
     logits, _, _ = model.apply({"params": params, **model_state}, batch["inputs"])
     nll, count, _ = cross_entropy(logits, batch["targets"], batch.get("weights"))
     return nll, count
 
-  return jax.jit(eval_step)
+  if state_sharding is None:
+    return jax.jit(eval_step)
+
+  def sharded_eval_step(params, model_state, batch):
+    if rules is None:
+      return eval_step(params, model_state, batch)
+    from mla_jax.sharding import activation_rules  # pylint: disable=g-import-not-at-top
+    with activation_rules(batch_sharding.mesh, rules):
+      return eval_step(params, model_state, batch)
+
+  return jax.jit(sharded_eval_step, in_shardings=(state_sharding.params, state_sharding.model_state, batch_sharding),
+                 out_shardings=_replicated(batch_sharding))
+
+
+def _replicated(sharding):
+  return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())

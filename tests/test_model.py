@@ -12,7 +12,7 @@ from mla_jax.train_step import cross_entropy
 
 from conftest import tiny_model_config
 
-KINDS = ["gqa", "mla", "mla_noq"]
+KINDS = ["gqa", "mla", "mla_noq", "moe", "mamba2", "hybrid"]
 
 
 class ModelShapeTest(chex.TestCase):

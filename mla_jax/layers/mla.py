@@ -5,6 +5,12 @@ Key/value:  [c_kv | k_rope] = x W_DKV;  c_kv = RMSNorm(c_kv);  k_nope = c_kv W_U
 RoPE touches only q_rope (per head) and k_rope (one key shared by all heads)                     (eq. 14-15)
 Scores use [q_nope | q_rope] . [k_nope | k_rope] / sqrt(head_dim + d_rope).                      (eq. 16-18)
 A cache needs only c_kv and k_rope: (kv_latent_dim + d_rope) numbers per token.
+
+With a cache (`mla_jax.cache.MLACache`) the new c_kv and k_rope are written at their positions and the
+queries attend over the whole cache. A call with T > 1 (prefill) rebuilds K and V from the cached latent
+(the expanded form). A one-token step (decode) with `cache.decode == "absorbed"` uses weight absorption
+(section 2.1.2): q_nope^T (W_UK c_kv) = (W_UK^T q_nope)^T c_kv, so W_UK folds into the query and W_UV into
+the output, and attention runs over the latent directly; `"expanded"` keeps the rebuilt-K/V reference.
 """
 
 from __future__ import annotations
@@ -16,11 +22,15 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from mla_jax import cache as cache_lib
 from mla_jax.config import ModelConfig
 from mla_jax.layers.common import Dense, RMSNorm, compute_dtype
 from mla_jax.layers.mlp import residual_scale
 from mla_jax.layers.rope import apply_rope
-from mla_jax.ops.attention import attention
+from mla_jax.ops.attention import attention, causal_mask
+
+_NEG_INF = -1e30
+CACHE_AXES = ("cache_batch", "cache_sequence", "cache_kv")
 
 
 class MLA(nn.Module):
@@ -61,18 +71,64 @@ class MLA(nn.Module):
     k_rope_BTR = apply_rope(kv_BTK[..., None, C:], positions_BT, self.cfg.rope_theta)[:, :, 0]
     return c_kv_BTC, k_rope_BTR
 
-  def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array, cache: Optional[dict] = None):
+  def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array,
+               cache: Optional[cache_lib.MLACache] = None):
     cfg = self.cfg
     B, T, _ = x_BTD.shape
     H, Dn, Dr, Dv = cfg.num_heads, cfg.head_dim, cfg.d_rope, cfg.v_head_dim
     q_nope_BTHD, q_rope_BTHR = self.project_query(x_BTD, positions_BT)
     c_kv_BTC, k_rope_BTR = self.project_latent(x_BTD, positions_BT)
-    k_nope_BTHD = self.w_uk(c_kv_BTC)
-    v_BTHE = self.w_uv(c_kv_BTC)
+    new_cache = None
+    if cache is not None:
+      c_kv_BSC = nn.with_logical_constraint(cache_lib.write(cache.c_kv, c_kv_BTC, positions_BT), CACHE_AXES)
+      k_rope_BSR = nn.with_logical_constraint(cache_lib.write(cache.k_rope, k_rope_BTR, positions_BT), CACHE_AXES)
+      new_cache = cache.replace(c_kv=c_kv_BSC, k_rope=k_rope_BSR)
+      if T == 1 and cache.decode == "absorbed" and not self.is_initializing():
+        o_BTHE = self.absorbed_attention(q_nope_BTHD, q_rope_BTHR, c_kv_BSC, k_rope_BSR, positions_BT)
+        chex.assert_shape(o_BTHE, (B, T, H, Dv))
+        return self.w_o(o_BTHE), new_cache
+      c_kv_BSC, k_rope_BSR = c_kv_BSC.astype(c_kv_BTC.dtype), k_rope_BSR.astype(k_rope_BTR.dtype)
+    else:
+      c_kv_BSC, k_rope_BSR = c_kv_BTC, k_rope_BTR  # without a cache the keys are this call's tokens
+    S = c_kv_BSC.shape[1]
+    k_nope_BSHD = self.w_uk(c_kv_BSC)
+    v_BSHE = self.w_uv(c_kv_BSC)
     q_BTHK = jnp.concatenate([q_nope_BTHD, q_rope_BTHR], axis=-1)
-    k_BTHK = jnp.concatenate([k_nope_BTHD, jnp.broadcast_to(k_rope_BTR[:, :, None], (B, T, H, Dr))], axis=-1)
+    k_BSHK = jnp.concatenate([k_nope_BSHD, jnp.broadcast_to(k_rope_BSR[:, :, None], (B, S, H, Dr))], axis=-1)
     q_BTHK = nn.with_logical_constraint(q_BTHK, ("batch", "activation_length", "activation_heads", None))
-    o_BTHE = attention(q_BTHK, k_BTHK, v_BTHE, positions_BT, scale=(Dn + Dr) ** -0.5,
+    o_BTHE = attention(q_BTHK, k_BSHK, v_BSHE, positions_BT, scale=(Dn + Dr) ** -0.5,
                        impl=cfg.attention_impl, chunk_size=cfg.attention_chunk_size)
     chex.assert_shape(o_BTHE, (B, T, H, Dv))
-    return self.w_o(o_BTHE), None
+    return self.w_o(o_BTHE), new_cache
+
+  def absorbed_attention(self, q_nope_BTHD, q_rope_BTHR, c_kv_BSC, k_rope_BSR, positions_BT) -> jax.Array:
+    """Attention over the latent cache with W_UK and W_UV absorbed (DeepSeek-V2 section 2.1.2).
+
+    scores = ((W_UK^T q_nope) . c_kv + q_rope . k_rope) / sqrt(head_dim + d_rope)   (eq. 10, 16-17 regrouped)
+    o_h = W_UV^T (sum_s p_s c_kv_s)                                                  (eq. 11, 18 regrouped)
+    The latent is read twice (scores and weighted sum); no per-head key or value is formed.
+    """
+    cfg = self.cfg
+    dtype = compute_dtype(cfg.dtype)
+    B, T, H, _ = q_nope_BTHD.shape
+    S, C, R = c_kv_BSC.shape[1], cfg.kv_latent_dim, cfg.d_rope
+    w_uk_CHD = self.w_uk.variables["params"]["kernel"]
+    w_uv_CHE = self.w_uv.variables["params"]["kernel"]
+    chex.assert_shape(w_uk_CHD, (C, H, cfg.head_dim))
+    scale = (cfg.head_dim + cfg.d_rope) ** -0.5
+    q_abs_BTHC = jnp.einsum("bthd,chd->bthc", q_nope_BTHD.astype(dtype), w_uk_CHD.astype(dtype),
+                            preferred_element_type=jnp.float32)
+    # Queries of all T x H (position, head) pairs share the latent keys: fold them into one axis N, so each
+    # product is a plain [N, C] x [S, C]^T or [N, S] x [S, C] matmul that reads the cache in its stored
+    # layout (with a separate T axis, XLA on CPU transposes the whole cache at T = 1).
+    q_abs_BNC = q_abs_BTHC.reshape(B, T * H, C).astype(dtype)
+    q_rope_BNR = q_rope_BTHR.reshape(B, T * H, R).astype(dtype)
+    c_kv_BSC = c_kv_BSC.astype(dtype)
+    s_BNS = (jnp.einsum("bnc,bsc->bns", q_abs_BNC, c_kv_BSC, preferred_element_type=jnp.float32)
+             + jnp.einsum("bnr,bsr->bns", q_rope_BNR, k_rope_BSR.astype(dtype),
+                          preferred_element_type=jnp.float32)) * scale
+    mask_BNS = jnp.repeat(causal_mask(positions_BT, S), H, axis=1)  # row t * H + h is query position t
+    p_BNS = jax.nn.softmax(jnp.where(mask_BNS, s_BNS, _NEG_INF), axis=-1).astype(dtype)
+    o_lat_BNC = jnp.einsum("bns,bsc->bnc", p_BNS, c_kv_BSC, preferred_element_type=jnp.float32)
+    o_lat_BTHC = o_lat_BNC.reshape(B, T, H, C)
+    return jnp.einsum("bthc,che->bthe", o_lat_BTHC.astype(dtype), w_uv_CHE.astype(dtype))

@@ -30,6 +30,10 @@ class MoE(nn.Module):
   (ST-MoE z-loss), load [E] (fraction of assignments per expert), dropped_fraction (capacity mode only,
   else 0). Routing is over all B * T tokens together; capacity mode sizes its buffers from B * T.
 
+  cfg.moe_dispatch: 'ragged' is dropless (`moe_ops.moe_ragged`: block-grouped matmuls on CPU,
+  lax.ragged_dot on GPU and TPU), 'capacity' drops assignments over capacity_factor, 'dense' runs every
+  expert on every token.
+
   With cfg.aux_free_bias the layer reads a per-expert bias from the 'moe_bias' collection (created as
   zeros by `init`) and adds it to the routing scores for the top-k selection only. The bias is not a
   parameter: the training loop passes the collection with the variables, and after each step sets

@@ -1,0 +1,172 @@
+"""Decode caches as pytrees, preallocated to a maximum length, and a report of what they cost.
+
+One cache per layer, chosen by the layer's mixer:
+  MLA     MLACache: c_kv [B, S, kv_latent_dim] and k_rope [B, S, d_rope], nothing else per token
+          (DeepSeek-V2 section 2.1.2: (d_c + d_h^R) numbers per token per layer).
+  GQA     KVCache: k and v [B, S, kv_heads, head_dim].
+  Mamba2  {conv [B, K-1, E], ssm [B, H, P, N] float32} from `layers.mamba2.init_cache`: constant size.
+
+Key slot s holds the token at position s. A layer writes the T new entries of a call at slots
+positions[0, 0] .. positions[0, 0] + T - 1 with `lax.dynamic_update_slice` (all rows of a batch share one
+write position), and the attention mask (slot s visible iff s <= query position) hides the slots that are
+not written yet. Under jit with the caches donated, XLA updates the buffers in place.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mla_jax.config import ModelConfig
+from mla_jax.layers import mamba2
+from mla_jax.layers.common import compute_dtype
+
+MLA_DECODE_MODES = ("absorbed", "expanded")
+
+
+@flax.struct.dataclass
+class MLACache:
+  """Latent MLA cache. `decode` picks how a one-token step reads it: 'absorbed' folds W_UK into the query
+  and W_UV into the output (K and V are never formed); 'expanded' rebuilds K and V from the latent, the
+  reference twin. It is static (part of the tree structure), so each mode compiles its own program."""
+
+  c_kv: jax.Array  # [B, S, kv_latent_dim], RMS-normalised latent
+  k_rope: jax.Array  # [B, S, d_rope], RoPE already applied at the slot's position
+  decode: str = flax.struct.field(pytree_node=False, default="absorbed")
+
+
+@flax.struct.dataclass
+class KVCache:
+  """GQA cache: RoPE'd keys and values per key/value head."""
+
+  k: jax.Array  # [B, S, kv_heads, head_dim]
+  v: jax.Array  # [B, S, kv_heads, head_dim]
+
+
+def write(cache_BS: jax.Array, new_BT: jax.Array, positions_BT: jax.Array) -> jax.Array:
+  """Writes new_BT[:, t] into slot positions_BT[0, 0] + t of cache_BS (all other slots unchanged)."""
+  start = positions_BT[0, 0].astype(jnp.int32)
+  index = (jnp.zeros((), jnp.int32), start) + (jnp.zeros((), jnp.int32),) * (cache_BS.ndim - 2)
+  return jax.lax.dynamic_update_slice(cache_BS, new_BT.astype(cache_BS.dtype), index)
+
+
+def init_cache(cfg: ModelConfig, layer: int, batch: int, max_len: int, dtype: Any = jnp.float32,
+               mla_decode: str = "absorbed"):
+  """The zero cache of layer `layer`."""
+  kind = cfg.mixer_kind(layer)
+  if kind == "mla":
+    if mla_decode not in MLA_DECODE_MODES:
+      raise ValueError(f"mla_decode must be one of {MLA_DECODE_MODES}, got {mla_decode!r}")
+    return MLACache(c_kv=jnp.zeros((batch, max_len, cfg.kv_latent_dim), dtype),
+                    k_rope=jnp.zeros((batch, max_len, cfg.d_rope), dtype), decode=mla_decode)
+  if kind == "gqa":
+    shape = (batch, max_len, cfg.kv_heads, cfg.head_dim)
+    return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
+  return mamba2.init_cache(cfg, batch, dtype)
+
+
+def init_caches(cfg: ModelConfig, batch: int, max_len: int, dtype: Any = None,
+                mla_decode: str = "absorbed") -> list:
+  """One zero cache per layer (dtype defaults to the compute dtype; the SSM state is always float32)."""
+  dtype = dtype or compute_dtype(cfg.dtype)
+  return [init_cache(cfg, i, batch, max_len, dtype, mla_decode) for i in range(cfg.num_layers)]
+
+
+def cache_nbytes(caches) -> int:
+  return int(sum(np.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree_util.tree_leaves(caches)))
+
+
+# ----------------------------------------------------------------------------------------------- report
+
+
+def values_per_token(cfg: ModelConfig, layer: int) -> int:
+  """Numbers cached per token by layer `layer` (0 for Mamba2, whose state does not grow)."""
+  kind = cfg.mixer_kind(layer)
+  if kind == "mla":
+    return cfg.kv_latent_dim + cfg.d_rope  # DeepSeek-V2 Table 1: (d_c + d_h^R) per layer
+  if kind == "gqa":
+    return 2 * cfg.kv_heads * cfg.head_dim  # K and V: 2 n_g d_h per layer
+  return 0
+
+
+def fixed_bytes(cfg: ModelConfig, layer: int, itemsize: int) -> int:
+  """Bytes per sequence that do not depend on length: the Mamba2 conv window and float32 SSM state."""
+  if cfg.mixer_kind(layer) != "mamba2":
+    return 0
+  conv = (cfg.mamba2_conv_kernel - 1) * (cfg.mamba2_inner + 2 * cfg.mamba2_n_groups * cfg.mamba2_state_size)
+  ssm = cfg.mamba2_num_heads * cfg.mamba2_head_dim * cfg.mamba2_state_size
+  return conv * itemsize + ssm * 4
+
+
+def cache_summary(cfg: ModelConfig, length: int, batch: int = 1, dtype: Any = None) -> dict:
+  """Cache bytes of this model and of its MHA / GQA equivalents at `length` tokens x `batch` sequences.
+
+  Returns {"rows": [...], "total_bytes", "bytes_per_token"} where each row describes one mixer kind
+  (layers, values/token/layer, bytes/token/layer, fixed bytes/layer, bytes at length x batch) and the
+  equivalents use every layer: MHA 2 x num_layers x seq_len x (num_heads x head_dim) (the seed's
+  formula with hidden_size = num_heads x head_dim), GQA 2 x num_layers x seq_len x kv_heads x head_dim.
+  """
+  itemsize = jnp.dtype(dtype or compute_dtype(cfg.dtype)).itemsize
+  rows = []
+  for kind in ("mla", "gqa", "mamba2"):
+    layers = [i for i in range(cfg.num_layers) if cfg.mixer_kind(i) == kind]
+    if not layers:
+      continue
+    vpt = values_per_token(cfg, layers[0])
+    fixed = fixed_bytes(cfg, layers[0], itemsize)
+    rows.append({"name": kind, "layers": len(layers), "values_per_token_layer": vpt,
+                 "bytes_per_token_layer": vpt * itemsize, "fixed_bytes_layer": fixed,
+                 "bytes": len(layers) * (vpt * itemsize * length + fixed) * batch})
+  total = sum(r["bytes"] for r in rows)
+  per_token = sum(r["layers"] * r["bytes_per_token_layer"] for r in rows)
+  L = cfg.num_layers
+  mha = 2 * cfg.num_heads * cfg.head_dim
+  gqa = 2 * cfg.kv_heads * cfg.head_dim
+  equivalents = [{"name": f"MHA ({cfg.num_heads} kv heads)", "layers": L, "values_per_token_layer": mha},
+                 {"name": f"GQA ({cfg.kv_heads} kv heads)", "layers": L, "values_per_token_layer": gqa}]
+  if cfg.use_mla:
+    equivalents.append({"name": f"MLA (d_c {cfg.kv_latent_dim} + d_rope {cfg.d_rope})", "layers": L,
+                        "values_per_token_layer": cfg.kv_latent_dim + cfg.d_rope})
+  for e in equivalents:
+    e.update(bytes_per_token_layer=e["values_per_token_layer"] * itemsize, fixed_bytes_layer=0,
+             bytes=L * e["values_per_token_layer"] * itemsize * length * batch)
+  return {"rows": rows, "equivalents": equivalents, "total_bytes": total, "bytes_per_token": per_token,
+          "length": length, "batch": batch, "itemsize": itemsize}
+
+
+def _fmt_bytes(n: float) -> str:
+  for unit in ("B", "KiB", "MiB", "GiB"):
+    if abs(n) < 1024 or unit == "GiB":
+      return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.2f} {unit}"
+    n /= 1024
+  return f"{n:,.2f} GiB"
+
+
+def cache_report(cfg: ModelConfig, length: int, batch: int = 1, dtype: Any = None) -> str:
+  """A markdown table of `cache_summary`: this model's layers, its total, and the all-layer equivalents."""
+  s = cache_summary(cfg, length, batch, dtype)
+  head = (f"Decode cache at length {length:,} x batch {batch} ({s['itemsize']}-byte values; "
+          f"{cfg.num_layers} layers, hidden {cfg.hidden_size}, {cfg.num_heads} heads of {cfg.head_dim})\n\n"
+          "| cache | layers | values/token/layer | bytes/token/layer | fixed bytes/layer | total | vs MHA |\n"
+          "|---|---:|---:|---:|---:|---:|---:|\n")
+  mha_bytes = s["equivalents"][0]["bytes"]
+  num = lambda v: f"{v:,}"
+
+  def line(name, layers, vpt, bpt, fixed, total):
+    ratio = f"{total / mha_bytes:.3f}x" if mha_bytes else "-"
+    return f"| {name} | {layers} | {vpt} | {bpt} | {fixed} | {_fmt_bytes(total)} | {ratio} |"
+
+  lines = [line(f"this model: {r['name']}", r["layers"], num(r["values_per_token_layer"]),
+                num(r["bytes_per_token_layer"]), num(r["fixed_bytes_layer"]), r["bytes"]) for r in s["rows"]]
+  lines.append(line("**this model: total**", cfg.num_layers, "-", "-", "-", s["total_bytes"]))
+  lines += [line(f"equivalent: {e['name']}", e["layers"], num(e["values_per_token_layer"]),
+                 num(e["bytes_per_token_layer"]), "0", e["bytes"]) for e in s["equivalents"]]
+  notes = ("\nMHA is the seed's 2 x num_layers x seq_len x hidden_size (hidden_size = num_heads x head_dim); "
+           "GQA is 2 x num_layers x seq_len x kv_heads x head_dim; MLA is DeepSeek-V2's (d_c + d_rope) x num_layers "
+           "x seq_len (the seed's 2 x kv_latent_dim counts the latent twice and leaves out k_rope). Mamba2 "
+           "layers keep a fixed conv window and float32 SSM state whatever the length.\n")
+  return head + "\n".join(lines) + "\n" + notes
