@@ -26,7 +26,6 @@ import importlib.util
 import io
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -41,6 +40,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from benchmarks.common import machine_lines  # noqa: E402
 from mla_jax.config import ModelConfig, default_config, validate  # noqa: E402
 from mla_jax.layers.moe import MoE, moe_active_params  # noqa: E402
 from mla_jax.ops import moe as moe_ops  # noqa: E402
@@ -116,14 +116,6 @@ def _measure(cfg: ModelConfig, tokens: int, runs: int) -> dict[str, Any]:
           "load": load_E}
 
 
-def machine_lines() -> list[str]:
-  device = jax.devices()[0]
-  return [
-      f"- processor: {platform.processor() or platform.machine()}",
-      f"- cpu count: {os.cpu_count()}",
-      f"- jax: {jax.__version__}",
-      f"- device: {device.platform} ({device.device_kind})",
-  ]
 
 
 # ---- training rows ---------------------------------------------------------------------------------

@@ -11,8 +11,6 @@ and the input) after one warm-up call, and the temp bytes XLA reserves for it
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -25,6 +23,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import linen as nn  # noqa: E402
 
+from benchmarks.common import machine_lines  # noqa: E402
 from mla_jax.config import ModelConfig, default_config, validate  # noqa: E402
 from mla_jax.layers.mamba2 import Mamba2Mixer, mamba2_flops_per_token  # noqa: E402
 
@@ -94,14 +93,6 @@ def mla_row(seq_len: int, runs: int = SLOW_RUNS) -> tuple[str, str]:
 # -----------------------------------------------------------------------------------------------------
 
 
-def machine_lines() -> list[str]:
-  device = jax.devices()[0]
-  return [
-      f"- processor: {platform.processor() or platform.machine()}",
-      f"- cpu count: {os.cpu_count()}",
-      f"- jax: {jax.__version__}",
-      f"- device: {device.platform} ({device.device_kind})",
-  ]
 
 
 def main(argv: list[str] | None = None) -> None:

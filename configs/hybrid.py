@@ -10,6 +10,7 @@ after Mamba2 layers (as in the Mamba2 paper; `--config.model.mamba_ffn=True` add
 `--config.model.num_experts=4` for the seed's MoE variant. `:quick` trains 80 steps of 8 x 256 bytes.
 """
 
+from configs import mla
 from mla_jax.config import default_config
 
 
@@ -40,21 +41,7 @@ def get_config(arg=None):
   t.seq_len = 512
   t.max_steps = 5000
   if arg == "quick":
-    apply_quick(config)
+    mla.apply_quick(config, steps=80, learning_rate=2e-3)
   elif arg:
     raise ValueError(f"unknown config argument {arg!r}; expected nothing or 'quick'")
   return config
-
-
-def apply_quick(config, steps: int = 80):
-  """A short CPU run of the same model: 8 x 256 bytes per step, a high learning rate, frequent logs."""
-  t = config.trainer
-  t.learning_rate = 2e-3
-  t.batch_size = 8
-  t.seq_len = 256
-  t.max_steps = steps
-  t.warmup_steps = 10
-  t.log_interval = 5
-  t.eval_interval = 40
-  t.eval_steps = 4
-  t.save_interval = steps

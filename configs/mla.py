@@ -42,15 +42,15 @@ def get_config(arg=None):
   return config
 
 
-def apply_quick(config, steps: int = 150):
+def apply_quick(config, steps: int = 150, learning_rate: float = 1e-3):
   """A short CPU run of the same model: batch 8 x 256 tokens, higher learning rate, frequent logs."""
   t = config.trainer
-  t.learning_rate = 1e-3
+  t.learning_rate = learning_rate
   t.batch_size = 8
   t.seq_len = 256
   t.max_steps = steps
-  t.warmup_steps = 20
+  t.warmup_steps = steps // 8
   t.log_interval = 5
-  t.eval_interval = 50
+  t.eval_interval = steps // 2
   t.eval_steps = 4
   t.save_interval = steps

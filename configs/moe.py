@@ -6,7 +6,8 @@ r"""The seed's "MLA + MoE" example: configs/mla.py with a DeepSeek-MoE feed-forw
 4 routed experts, top-2, one shared expert (added unweighted), load_balance_alpha 0.01. As in the seed,
 every expert (routed and shared) has the dense model's intermediate_size (2048); set
 model.moe_intermediate_size to make experts narrower. Dispatch is dropless (sort + grouped matmul);
-`--config.model.moe_dispatch=capacity` drops tokens over `capacity_factor` and can shard experts.
+`--config.model.moe_dispatch=capacity` drops tokens over `capacity_factor` and can shard experts: with
+`--config.mesh.expert=4` each of 4 devices holds one expert (expert parallelism, mla_jax/sharding.py).
 """
 
 from configs import mla

@@ -148,3 +148,22 @@ def test_mla_equals_deepseek_v2_equations(kind):
       out[t, h] = w @ v[0, : t + 1, h]
   expected = np.einsum("thv,hvd->td", out, p["w_o"]["kernel"])
   np.testing.assert_allclose(y[0], expected, atol=2e-5, rtol=2e-4)
+
+
+class SmallModuleTest(chex.TestCase):
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_swiglu_and_rmsnorm_shapes(self):
+    from mla_jax.layers.common import RMSNorm  # pylint: disable=g-import-not-at-top
+    from mla_jax.layers.mlp import SwiGLU  # pylint: disable=g-import-not-at-top
+    cfg = tiny_model_config("gqa")
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 5, 64))
+    mlp = SwiGLU(cfg)
+    params = nn.meta.unbox(mlp.init(jax.random.PRNGKey(1), x))
+    chex.assert_shape(self.variant(mlp.apply)(params, x), (2, 5, 64))
+    assert params["params"]["gate"]["kernel"].shape == (64, cfg.intermediate_size)
+    norm = RMSNorm(1e-6)
+    nparams = nn.meta.unbox(norm.init(jax.random.PRNGKey(1), x))
+    y = self.variant(norm.apply)(nparams, x)
+    chex.assert_shape(y, (2, 5, 64))
+    np.testing.assert_allclose(jnp.mean(jnp.square(y), -1), 1.0, rtol=1e-4)
