@@ -7,7 +7,7 @@ r"""The seed's hybrid example: Mamba2 (SSD) layers with MLA on layers 3 and 7.
 SwiGLU FFN on layers 3 and 7; Mamba2 with 48 heads of 16 (hidden 384 x expand 2 = 768 = 48 x 16, the
 rule the seed's own nano config satisfies), state 64, chunk 64, one B/C group, conv kernel 4, no FFN
 after Mamba2 layers (as in the Mamba2 paper; `--config.model.mamba_ffn=True` adds one). Add
-`--config.model.num_experts=4` for the seed's MoE variant. `:quick` trains 80 steps of 8 x 256 bytes.
+`--config.model.num_experts=4` for the seed's MoE variant. `:quick` trains 60 steps of 8 x 256 bytes.
 """
 
 from configs import mla
@@ -41,7 +41,7 @@ def get_config(arg=None):
   t.seq_len = 512
   t.max_steps = 5000
   if arg == "quick":
-    mla.apply_quick(config, steps=80, learning_rate=2e-3)
+    mla.apply_quick(config, steps=60, learning_rate=2e-3)
   elif arg:
     raise ValueError(f"unknown config argument {arg!r}; expected nothing or 'quick'")
   return config
