@@ -85,12 +85,18 @@ def _fmt_time(seconds: float) -> str:
   return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
-def evaluate(eval_step, state: TrainState, batches) -> dict:
+def evaluation_totals(eval_step, params, model_state, batches) -> tuple[float, float]:
+  """(sum of token losses in nats, number of target tokens) over `batches`."""
   nll, count = 0.0, 0.0
   for batch in batches:
-    b_nll, b_count = eval_step(state.params, state.model_state, batch)
+    b_nll, b_count = eval_step(params, model_state, batch)
     nll += float(b_nll)
     count += float(b_count)
+  return nll, count
+
+
+def evaluate(eval_step, state: TrainState, batches) -> dict:
+  nll, count = evaluation_totals(eval_step, state.params, state.model_state, batches)
   loss = nll / max(count, 1.0)
   return {"val_loss": loss, "val_perplexity": math.exp(min(loss, 50.0))}
 

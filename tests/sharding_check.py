@@ -133,7 +133,8 @@ def decode_check(kind: str, preset: str) -> float:
   fn = jax.jit(constrained, in_shardings=(plan.state.params, cache_sh, plan.batch), out_shardings=(None, cache_sh))
   got, new_caches = fn(jax.device_put(params, plan.state.params), jax.device_put(caches, cache_sh), tokens)
   specs = [str(x.sharding.spec) for x in jax.tree_util.tree_leaves(new_caches)]
-  return max_diff(expected, got), specs
+  one_row = sharding.cache_shardings(cache_lib.init_caches(cfg, 1, SEQ), plan.mesh, plan.rules)
+  return max_diff(expected, got), specs, [str(x.spec) for x in jax.tree_util.tree_leaves(one_row)]
 
 
 def main(out_path: str) -> None:
@@ -154,8 +155,8 @@ def main(out_path: str) -> None:
         "shards": shards, "mu_shards": mu_shards})
     print(kind, preset, losses, results["cases"][-1]["param_diff"], flush=True)
   for kind in ("hybrid", "gqa"):
-    diff, specs = decode_check(kind, "fsdp_tensor")
-    results["decode"][kind] = {"diff": diff, "specs": specs}
+    diff, specs, batch1_specs = decode_check(kind, "fsdp_tensor")
+    results["decode"][kind] = {"diff": diff, "specs": specs, "batch1_specs": batch1_specs}
   with open(out_path, "w") as f:
     json.dump(results, f)
 

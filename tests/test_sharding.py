@@ -125,9 +125,11 @@ def test_fsdp_gives_each_device_an_eighth_of_every_matrix(check, kind):
       continue
     assert v["shard_sizes"] == [v["size"] // 8], (name, v)
     assert c["mu_shards"][name] == [v["size"] // 8], name  # Adam's moments split like the weight
+  # What stays whole (norm scales, Mamba2 vectors and conv kernel) is under 2% of the parameters
+  # (MaxText's sharding_tolerance).
   total = sum(v["size"] for v in c["shards"].values())
-  per_device = sum(v["shard_sizes"][0] for v in c["shards"].values())
-  assert per_device < total / 8 * 1.1, (per_device, total)
+  whole = sum(v["size"] for v in c["shards"].values() if v["shard_sizes"] == [v["size"]])
+  assert whole < 0.02 * total, (whole, total)
 
 
 def test_tensor_and_expert_axes_split_their_weights(check):
@@ -146,6 +148,8 @@ def test_sharded_decode_caches_match_one_device(check):
   assert "'tensor'" in result["specs"][0]  # GQA caches split their key/value heads
   hybrid = check["decode"]["hybrid"]["specs"]
   assert sum("'tensor'" in spec for spec in hybrid) == 1  # the Mamba2 SSM state; MLA's latent is whole
+  # One sequence cannot split over 4 batch devices: that dimension stays whole, the heads still split.
+  assert check["decode"]["gqa"]["batch1_specs"][0] == "P(None, None, 'tensor', None)"
 
 
 def test_two_processes_train_like_one(runs):
@@ -157,7 +161,8 @@ def test_two_processes_train_like_one(runs):
   main_out, other_out = results[0][1], results[1][1]
   assert "Mesh: data 1, fsdp 8, tensor 1, expert 1 over 8 cpu device(s) in 2 process(es)" in main_out
   assert "Memory per device" in main_out and "Sample (prompt" in main_out
-  assert other_out.strip() == "", other_out[-2000:]  # only process 0 prints
+  # Only process 0 prints (the collectives library announces its connections on every process).
+  assert [l for l in other_out.splitlines() if not l.startswith("[Gloo]")] == [], other_out[-2000:]
 
   def records(workdir):
     with open(runs.tmp / workdir / "metrics.jsonl") as f:
