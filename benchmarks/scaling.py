@@ -133,6 +133,9 @@ def main(argv=None) -> None:
       f"Model: configs/moe.py shrunk (hidden 256, 4 MLA + MoE layers, 8 experts top-2, capacity dispatch), "
       f"float32, batch {args.batch} x {args.seq_len} tokens; median of {args.steps} steps after compilation.",
       "",
+      "Each row runs in its own process with that many simulated CPU devices "
+      "(`--xla_force_host_platform_device_count`); the device count above is the parent process's.",
+      "",
       "**On CPU the simulated devices share the same cores: step time shows the overhead of sharding, not a "
       "speed-up.** The memory columns are per device: the train state (params + AdamW moments) it holds, "
       "and XLA's memory_analysis of the compiled step (arguments + outputs + temporaries - reused donations).",
