@@ -37,3 +37,12 @@ def median_time(fn, runs: int) -> float:
     times.append(time.perf_counter() - start)
   times.sort()
   return times[len(times) // 2]
+
+
+def write_lines(path, lines: list[str]) -> Path:
+  """Writes a results table (lines already holding the title and machine) to `path` and says so."""
+  out = Path(path)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  out.write_text("\n".join(lines) + "\n")
+  print(f"wrote {out}")
+  return out

@@ -40,7 +40,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from benchmarks.common import machine_lines  # noqa: E402
+from benchmarks.common import machine_lines, write_lines  # noqa: E402
 from mla_jax.config import ModelConfig, default_config, validate  # noqa: E402
 from mla_jax.layers.moe import MoE, moe_active_params  # noqa: E402
 from mla_jax.ops import moe as moe_ops  # noqa: E402
@@ -224,10 +224,7 @@ def main(argv: list[str] | None = None) -> None:
   print("\n".join(lines[-5:]), flush=True)
   lines += train_rows(args.train_steps)
 
-  out = Path(args.out)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  out.write_text("\n".join(lines) + "\n")
-  print(f"wrote {out}")
+  write_lines(args.out, lines)
 
 
 if __name__ == "__main__":

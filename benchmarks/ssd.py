@@ -23,7 +23,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import linen as nn  # noqa: E402
 
-from benchmarks.common import machine_lines  # noqa: E402
+from benchmarks.common import machine_lines, write_lines  # noqa: E402
 from mla_jax.config import ModelConfig, default_config, validate  # noqa: E402
 from mla_jax.layers.mamba2 import Mamba2Mixer, mamba2_flops_per_token  # noqa: E402
 
@@ -134,10 +134,7 @@ def main(argv: list[str] | None = None) -> None:
     lines.append(row)
     print(row, flush=True)
 
-  out = Path(args.out)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  out.write_text("\n".join(lines) + "\n")
-  print(f"wrote {out}")
+  write_lines(args.out, lines)
 
 
 if __name__ == "__main__":
