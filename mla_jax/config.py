@@ -75,6 +75,8 @@ def default_config() -> ml_collections.ConfigDict:
   m.kv_latent_dim = 0
   m.q_latent_dim = 0  # 0: no query compression
   m.d_rope = 0
+  m.mla_latent_norms = True  # RMSNorm on c_q and c_kv (DeepSeek-V2); False: none (the seed trainer's MLA)
+  m.mla_q_rope_from_input = False  # q_rope = x W_QR instead of c_q W_UQ (the seed trainer's MLA)
   # Mixture-of-Experts: the FFN of attention layers is MoE when num_experts > 0, else SwiGLU.
   m.num_experts = 0
   m.experts_per_tok = 2
@@ -248,6 +250,9 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     for key in ("model.kv_latent_dim", "model.q_latent_dim"):
       if f[key] >= hidden:
         warnings.warn(f"{key}={f[key]} is not below hidden_size={hidden}: no compression happens")
+  if f["model.mla_q_rope_from_input"] and not (f["model.kv_latent_dim"] and f["model.q_latent_dim"]):
+    raise ConfigError("model.mla_q_rope_from_input", "needs MLA with query compression (kv_latent_dim and "
+                      "q_latent_dim > 0); without q_latent_dim the whole query already comes from the input")
   if f["model.d_rope"] % 2:
     raise ConfigError("model.d_rope", f"must be even (RoPE rotates pairs), got {f['model.d_rope']}")
   if f["model.kv_latent_dim"] == 0 and f["model.head_dim"] % 2:
@@ -362,6 +367,8 @@ class ModelConfig:
   kv_latent_dim: int
   q_latent_dim: int
   d_rope: int
+  mla_latent_norms: bool
+  mla_q_rope_from_input: bool
   num_experts: int
   experts_per_tok: int
   shared_expert_enabled: bool
@@ -448,6 +455,8 @@ class ModelConfig:
         kv_latent_dim=m.kv_latent_dim,
         q_latent_dim=m.q_latent_dim,
         d_rope=m.d_rope,
+        mla_latent_norms=bool(m.mla_latent_norms),
+        mla_q_rope_from_input=bool(m.mla_q_rope_from_input),
         num_experts=m.num_experts,
         experts_per_tok=m.experts_per_tok,
         shared_expert_enabled=bool(m.shared_expert_enabled),

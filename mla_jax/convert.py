@@ -1,6 +1,7 @@
 r"""Hugging Face DeepSeek-V2/V3 and Mamba2 checkpoints to and from mla_jax parameters.
 
   python -m mla_jax.convert --hf=PATH --workdir=OUT
+  python -m mla_jax.convert --seed=CHECKPOINT --seed_yaml=model.yaml --workdir=OUT   # mla_jax.seed_checkpoint
 
 `from_hf(path)` reads a folder with `config.json` and `*.safetensors` (sharded with
 `model.safetensors.index.json` or not) and returns (config, params): a validated ConfigDict and the
@@ -59,7 +60,6 @@ def interleaved_to_half(d: int) -> np.ndarray:
 
 def read_safetensors(path: str) -> dict[str, np.ndarray]:
   """All tensors of a folder (sharded via model.safetensors.index.json, or every *.safetensors file)."""
-  from safetensors import safe_open  # pylint: disable=g-import-not-at-top
   index = os.path.join(path, "model.safetensors.index.json")
   if os.path.isfile(index):
     with open(index) as f:
@@ -73,12 +73,22 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
   for name in files:
     if not os.path.isfile(name):
       raise DataError(f"{name}: listed in the index but missing")
-    try:
-      with safe_open(name, framework="np") as f:
-        for key in f.keys():
-          tensors[key] = np.asarray(f.get_tensor(key), np.float32)
-    except (TypeError, ValueError) as e:  # e.g. bfloat16, which numpy cannot hold
-      raise DataError(f"{name}: cannot read as float32 numpy arrays ({cli.one_line(e)}); save it in float32") from e
+    tensors.update(read_safetensor_file(name))
+  return tensors
+
+
+def read_safetensor_file(name: str) -> dict[str, np.ndarray]:
+  """The tensors of one safetensors file as float32 arrays, or a DataError naming the file."""
+  from safetensors import SafetensorError, safe_open  # pylint: disable=g-import-not-at-top
+  tensors = {}
+  try:
+    with safe_open(name, framework="np") as f:
+      for key in f.keys():
+        tensors[key] = np.asarray(f.get_tensor(key), np.float32)
+  except (TypeError, ValueError) as e:  # e.g. bfloat16, which numpy cannot hold
+    raise DataError(f"{name}: cannot read as float32 numpy arrays ({cli.one_line(e)}); save it in float32") from e
+  except (SafetensorError, OSError) as e:
+    raise DataError(f"{name}: not a readable safetensors file ({cli.one_line(e)})") from e
   return tensors
 
 
@@ -360,6 +370,9 @@ def to_hf(config, params, path: str) -> None:
     return
   if "mamba" in cfg.layer_kinds or not cfg.use_mla:
     raise UserError("to_hf writes DeepSeek (every layer MLA) or Mamba2 (every layer Mamba2, no FFN) models only")
+  if not cfg.mla_latent_norms or cfg.mla_q_rope_from_input:
+    key = "mla_latent_norms" if not cfg.mla_latent_norms else "mla_q_rope_from_input"
+    raise ConfigError(f"model.{key}", "the seed trainer's MLA variant has no deepseek_v2 equivalent")
   if cfg.aux_free_bias:
     raise ConfigError("model.aux_free_bias", "the selection bias has no place in a deepseek_v2 checkpoint")
   moe = cfg.num_experts > 0
@@ -500,9 +513,24 @@ def write_workdir(config, params, workdir: str, tokenizer_json: Optional[str] = 
 def convert(hf_path: str, workdir: str, stream=sys.stdout) -> None:
   config, params = from_hf(hf_path)
   tokenizer_json = os.path.join(hf_path, "tokenizer.json")
-  write_workdir(config, params, workdir, tokenizer_json if os.path.isfile(tokenizer_json) else None)
+  _write_and_report(config, params, workdir, hf_path, tokenizer_json if os.path.isfile(tokenizer_json) else None,
+                    stream)
+
+
+def convert_seed(checkpoint: str, yaml_path: str, workdir: str, tokenizer_json: Optional[str] = None,
+                 stream=sys.stdout) -> None:
+  from mla_jax.seed_checkpoint import from_seed  # pylint: disable=g-import-not-at-top
+  config, params = from_seed(checkpoint, yaml_path)
+  if tokenizer_json is None:
+    stream.write(f"note: the workdir uses the byte tokenizer; give --tokenizer=tokenizer.json if the seed run used "
+                 f"another (its vocabulary has {config.model.vocab_size} entries)\n")
+  _write_and_report(config, params, workdir, checkpoint, tokenizer_json, stream)
+
+
+def _write_and_report(config, params, workdir: str, source: str, tokenizer_json: Optional[str], stream) -> None:
+  write_workdir(config, params, workdir, tokenizer_json)
   cfg = config_lib.ModelConfig.from_config(config)
-  stream.write(f"{hf_path} -> {os.path.join(os.path.abspath(workdir), 'checkpoints', '0')}: {cfg.num_layers} layers, "
+  stream.write(f"{source} -> {os.path.join(os.path.abspath(workdir), 'checkpoints', '0')}: {cfg.num_layers} layers, "
                f"{cfg.num_experts} experts, vocab {cfg.vocab_size}, tokenizer {config.data.tokenizer}\n")
   stream.flush()
 
@@ -511,14 +539,22 @@ def main(argv: Optional[list[str]] = None) -> None:
   from absl import flags  # pylint: disable=g-import-not-at-top
 
   flags.DEFINE_string("hf", None, "Hugging Face model folder (config.json + *.safetensors).")
+  flags.DEFINE_string("seed", None, "Seed-trainer checkpoint: a .safetensors file or its checkpoint folder.")
+  flags.DEFINE_string("seed_yaml", None, "The seed-trainer YAML the --seed checkpoint was trained with.")
+  flags.DEFINE_string("tokenizer", None, "tokenizer.json for a --seed checkpoint (default: the byte tokenizer).")
   flags.DEFINE_string("workdir", None, "Workdir to create with the converted step-0 checkpoint.")
   cli.parse_flags(argv)
   f = flags.FLAGS
 
   def go():
-    if not f.hf or not f.workdir:
-      raise UserError("--hf and --workdir are required")
-    convert(f.hf, f.workdir)
+    if not f.workdir or bool(f.hf) == bool(f.seed):
+      raise UserError("give --workdir and one of --hf or --seed (with --seed_yaml)")
+    if f.seed:
+      if not f.seed_yaml:
+        raise UserError("--seed needs --seed_yaml: the checkpoint folder's config.json lacks rope_theta and kv_heads")
+      convert_seed(f.seed, f.seed_yaml, f.workdir, f.tokenizer)
+    else:
+      convert(f.hf, f.workdir)
 
   cli.run(go)
 

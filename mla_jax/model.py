@@ -150,8 +150,13 @@ def init_params(cfg: ModelConfig, rng: jax.Array, seq_len: int = 8):
   return nn.meta.unbox(variables["params"]), specs["params"]
 
 
-def forward(cfg: ModelConfig, params, token_ids) -> jax.Array:
-  """Plain forward pass: float32 logits of shape [batch, length, vocab]."""
+def forward(cfg, params, token_ids) -> jax.Array:
+  """Plain forward pass: float32 logits of shape [batch, length, vocab].
+
+  `cfg` is a ModelConfig or the ConfigDict that `mla_jax.convert.from_hf` / `from_seed` return.
+  """
+  if not isinstance(cfg, ModelConfig):
+    cfg = ModelConfig.from_config(cfg)
   logits, _, _ = LanguageModel(cfg).apply({"params": params}, jnp.asarray(token_ids, jnp.int32))
   return logits
 

@@ -13,7 +13,8 @@ from mla_jax.errors import ConfigError
 _SECTIONS = ("model", "trainer", "data", "sample", "mesh")
 
 
-def load_seed_yaml(path: str) -> ml_collections.ConfigDict:
+def read_seed_yaml(path: str) -> dict:
+  """The YAML file's top-level mapping, or a ConfigError naming the file."""
   if not os.path.isfile(path):
     raise ConfigError("config", f"YAML file {path} not found")
   try:
@@ -23,6 +24,15 @@ def load_seed_yaml(path: str) -> ml_collections.ConfigDict:
     raise ConfigError("config", f"{path} is not valid YAML ({str(e).splitlines()[0]})") from e
   if not isinstance(raw, dict):
     raise ConfigError("config", f"{path} must hold a mapping with model: and trainer: sections")
+  return raw
+
+
+def load_seed_yaml(path: str) -> ml_collections.ConfigDict:
+  return config_from_mapping(read_seed_yaml(path), path)
+
+
+def config_from_mapping(raw: dict, path: str) -> ml_collections.ConfigDict:
+  """The default config with the sections of a seed YAML mapping (read from `path`) applied."""
   config = default_config()
   overrides = ml_collections.ConfigDict()
   for section, values in raw.items():

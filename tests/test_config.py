@@ -27,6 +27,8 @@ BAD = [
      "model.kv_heads", "not divisible"),
     ({"model.d_rope": 7}, "model.d_rope", "must be even"),
     ({"model.d_rope": 0}, "model.d_rope", "must be positive when kv_latent_dim"),
+    ({"model.q_latent_dim": 0, "model.mla_q_rope_from_input": True}, "model.mla_q_rope_from_input",
+     "needs MLA with query compression"),
     ({"model.hidden_size": 0}, "model.hidden_size", "must be positive"),
     ({"model.num_layers": -1}, "model.num_layers", "must be positive"),
     ({"model.kv_latent_dim": -4}, "model.kv_latent_dim", ">= 0"),

@@ -62,7 +62,8 @@ def _forward_and_decode(cfg, mla_decode):
   return run
 
 
-CASES = [("gqa", "absorbed", {}), ("mla", "absorbed", {}), ("mla", "expanded", {}), ("mla_noq", "absorbed", {}),
+CASES = [("gqa", "absorbed", {}), ("mla", "absorbed", {}), ("mla", "expanded", {}),
+         ("mla", "absorbed", {"mla_latent_norms": False, "mla_q_rope_from_input": True}), ("mla_noq", "absorbed", {}),
          ("mla_noq", "expanded", {}), ("moe", "absorbed", {}), ("moe", "absorbed", {"moe_dispatch": "dense"}),
          ("mamba2", "absorbed", {}), ("hybrid", "absorbed", {}), ("hybrid", "expanded", {})]
 

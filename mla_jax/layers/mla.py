@@ -5,6 +5,8 @@ Key/value:  [c_kv | k_rope] = x W_DKV;  c_kv = RMSNorm(c_kv);  k_nope = c_kv W_U
 RoPE touches only q_rope (per head) and k_rope (one key shared by all heads)                     (eq. 14-15)
 Scores use [q_nope | q_rope] . [k_nope | k_rope] / sqrt(head_dim + d_rope).                      (eq. 16-18)
 A cache needs only c_kv and k_rope: (kv_latent_dim + d_rope) numbers per token.
+Two switches give the seed trainer's variant (for its checkpoints): `mla_latent_norms=False` drops both
+latent RMSNorms, and `mla_q_rope_from_input=True` computes q_rope = x W_QR from the input, not from c_q.
 
 With a cache (`mla_jax.cache.MLACache`) the new c_kv and k_rope are written at their positions and the
 queries attend over the whole cache. A call with T > 1 (prefill) rebuilds K and V from the cached latent
@@ -42,12 +44,18 @@ class MLA(nn.Module):
     H, Dn, Dr, C = cfg.num_heads, cfg.head_dim, cfg.d_rope, cfg.kv_latent_dim
     if cfg.q_latent_dim:
       self.w_dq = Dense(cfg.q_latent_dim, ("embed", "q_latent"), dtype=dtype)
-      self.q_norm = RMSNorm(cfg.rms_norm_eps, dtype)
-      self.w_uq = Dense((H, Dn + Dr), ("q_latent", "heads", "head_dim"), dtype=dtype)
+      if cfg.mla_latent_norms:
+        self.q_norm = RMSNorm(cfg.rms_norm_eps, dtype)
+      if cfg.mla_q_rope_from_input:
+        self.w_uq = Dense((H, Dn), ("q_latent", "heads", "head_dim"), dtype=dtype)
+        self.w_qr = Dense((H, Dr), ("embed", "heads", "head_dim"), dtype=dtype)
+      else:
+        self.w_uq = Dense((H, Dn + Dr), ("q_latent", "heads", "head_dim"), dtype=dtype)
     else:
       self.w_q = Dense((H, Dn + Dr), ("embed", "heads", "head_dim"), dtype=dtype)
     self.w_dkv = Dense(C + Dr, ("embed", "kv_latent"), dtype=dtype)
-    self.kv_norm = RMSNorm(cfg.rms_norm_eps, dtype)
+    if cfg.mla_latent_norms:
+      self.kv_norm = RMSNorm(cfg.rms_norm_eps, dtype)
     self.w_uk = Dense((H, Dn), ("kv_latent", "heads", "head_dim"), dtype=dtype)
     self.w_uv = Dense((H, cfg.v_head_dim), ("kv_latent", "heads", "head_dim"), dtype=dtype)
     self.w_o = Dense(cfg.hidden_size, ("heads", "head_dim", "embed"), in_dims=2, dtype=dtype,
@@ -57,7 +65,12 @@ class MLA(nn.Module):
     """Returns q_nope [B,T,H,head_dim] and RoPE'd q_rope [B,T,H,d_rope]."""
     cfg = self.cfg
     if cfg.q_latent_dim:
-      q_BTHK = self.w_uq(self.q_norm(self.w_dq(x_BTD)))
+      c_q_BTQ = self.w_dq(x_BTD)
+      if cfg.mla_latent_norms:
+        c_q_BTQ = self.q_norm(c_q_BTQ)
+      if cfg.mla_q_rope_from_input:
+        return self.w_uq(c_q_BTQ), apply_rope(self.w_qr(x_BTD), positions_BT, cfg.rope_theta)
+      q_BTHK = self.w_uq(c_q_BTQ)
     else:
       q_BTHK = self.w_q(x_BTD)
     q_nope_BTHD, q_rope_BTHR = q_BTHK[..., :cfg.head_dim], q_BTHK[..., cfg.head_dim:]
@@ -67,7 +80,7 @@ class MLA(nn.Module):
     """Returns the cacheable latent: normalised c_kv [B,T,kv_latent_dim] and RoPE'd k_rope [B,T,d_rope]."""
     C = self.cfg.kv_latent_dim
     kv_BTK = self.w_dkv(x_BTD)
-    c_kv_BTC = self.kv_norm(kv_BTK[..., :C])
+    c_kv_BTC = self.kv_norm(kv_BTK[..., :C]) if self.cfg.mla_latent_norms else kv_BTK[..., :C]
     k_rope_BTR = apply_rope(kv_BTK[..., None, C:], positions_BT, self.cfg.rope_theta)[:, :, 0]
     return c_kv_BTC, k_rope_BTR
 
