@@ -1,6 +1,7 @@
 r"""Latent-size study: validation loss against KV-cache bytes per token for MHA, GQA and MLA.
 
-  python benchmarks/latent_study.py                       # ~45 min on 2 CPU cores -> benchmarks/results/
+  python benchmarks/latent_study.py             # 7 runs, ~45 min on 2 CPU cores -> benchmarks/results/
+  python benchmarks/latent_study.py --ablation  # 2 more MLA runs at d_c 192 (d_rope 64; no q compression)
   python benchmarks/latent_study.py --steps 2000 --layers 8 --latents 64,128,192,256,384
   python benchmarks/latent_study.py --steps 3 --eval_steps 1 --no_write   # a smoke run
 
@@ -53,6 +54,12 @@ def variants(latents: list[int], gqa_heads: int, num_heads: int) -> list[dict]:
   return out
 
 
+# --ablation: what makes MLA differ from GQA at this budget, at the seed's kv_latent_dim 192.
+ABLATIONS = [{"name": "MLA d_c 192, d_rope 64", "kind": "mla", "kv_latent_dim": 192, "d_rope": 64, "seed": 0},
+             {"name": "MLA d_c 192, no query compression", "kind": "mla", "kv_latent_dim": 192, "q_latent_dim": 0,
+              "seed": 0}]
+
+
 def make_config(v: dict, args) -> "ml_collections.ConfigDict":  # noqa: F821
   config = mla_config.get_config()
   mla_config.apply_quick(config, args.steps, args.learning_rate)
@@ -61,6 +68,8 @@ def make_config(v: dict, args) -> "ml_collections.ConfigDict":  # noqa: F821
   m.num_layers = args.layers
   if v["kind"] == "mla":
     m.kv_latent_dim = v["kv_latent_dim"]
+    m.d_rope = v.get("d_rope", m.d_rope)
+    m.q_latent_dim = v.get("q_latent_dim", m.q_latent_dim)
   else:
     m.kv_latent_dim, m.q_latent_dim, m.d_rope = 0, 0, 0
     m.kv_heads = v["kv_heads"]
@@ -81,7 +90,7 @@ def run_variant(v: dict, args, workroot: str) -> dict:
   params, _ = init_params(cfg, jax.random.PRNGKey(0), 8)
   counts = count_params(cfg, params)
   per_token = sum(cache_lib.values_per_token(cfg, i) for i in range(cfg.num_layers)) * BYTES_PER_VALUE
-  workdir = os.path.join(workroot, v["kind"] + str(v.get("kv_latent_dim", v.get("kv_heads"))) + f"_s{v['seed']}")
+  workdir = os.path.join(workroot, "".join(ch if ch.isalnum() else "_" for ch in v["name"]))
   start = time.time()
   with open(os.devnull, "w") as quiet:
     final = train_and_evaluate(config, workdir, stream=quiet)
@@ -146,11 +155,16 @@ def main(argv=None) -> None:
   parser.add_argument("--learning_rate", type=float, default=1e-3)
   parser.add_argument("--eval_steps", type=int, default=32)
   parser.add_argument("--workdir", default="", help="keep the runs here (default: a temporary folder)")
+  parser.add_argument("--ablation", action="store_true",
+                      help="train the ABLATIONS variants and compare them with the rows of the last full study "
+                           "(benchmarks/results/latent_study.json, same settings) -> latent_study_ablation.md")
   parser.add_argument("--no_write", action="store_true")
   args = parser.parse_args(argv)
 
   base = mla_config.get_config().model
   runs = variants([int(c) for c in args.latents.split(",")], args.gqa_heads, base.num_heads)
+  if args.ablation:
+    return ablation(args, base)
   rows = []
   with tempfile.TemporaryDirectory() as tmp:
     workroot = args.workdir or tmp
@@ -160,15 +174,8 @@ def main(argv=None) -> None:
       print(f"{r['name']:32s} cache {r['cache_bytes_per_token']:6,} B/token  val loss {r['val_loss']:.4f}  "
             f"train loss {r['train_loss']:.4f}  {r['tokens_per_s']:,.0f} tok/s  {r['seconds']:.0f}s", flush=True)
 
-  hidden = base.hidden_size
-  tokens = args.steps * args.batch * args.seq_len
-  setup = (f"hidden {hidden}, {args.layers} layers, {base.num_heads} heads of {hidden // base.num_heads}, "
-           f"SwiGLU {base.intermediate_size}; MLA q_latent_dim {base.q_latent_dim}, d_rope {base.d_rope}; "
-           f"{args.steps} steps of {args.batch} x {args.seq_len} tokens ({tokens / 1e6:.2f}M tokens), AdamW "
-           f"lr {args.learning_rate} (warmup {args.steps // 8}, cosine), byte tokenizer, embedded corpus "
-           f"(Python standard library, held-out files); validation loss over {args.eval_steps} batches "
-           f"({args.eval_steps * args.batch * args.seq_len:,} tokens)")
-  lines = table(rows, args, hidden, args.layers)
+  setup = describe(args, base)
+  lines = table(rows, args, base.hidden_size, args.layers)
   noise = abs(rows[-1]["val_loss"] - next(r for r in rows if r["kind"] == "gqa")["val_loss"])
   print("\n".join(lines))
   if args.no_write:
@@ -176,7 +183,8 @@ def main(argv=None) -> None:
   png = RESULTS / "latent_study.png"
   RESULTS.mkdir(exist_ok=True)
   (RESULTS / "latent_study.json").write_text(json.dumps({"setup": setup, "rows": rows}, indent=1) + "\n")
-  plot(rows, png, f"{args.layers} layers, hidden {hidden}, {tokens / 1e6:.2f}M tokens")
+  tokens = args.steps * args.batch * args.seq_len
+  plot(rows, png, f"{args.layers} layers, hidden {base.hidden_size}, {tokens / 1e6:.2f}M tokens")
   body = ["# Latent-size study: validation loss against KV cache", "", *machine_lines(), "",
           setup + ".", "",
           "Cache B/token: bytes cached per token for one sequence, all layers, bfloat16. 'vs MHA' and "
@@ -187,6 +195,36 @@ def main(argv=None) -> None:
           *quality_verdicts(rows, noise), "", *guide_table(base.d_rope)]
   write_lines(RESULTS / "latent_study.md", body)
   print(f"wrote {png}")
+
+
+def ablation(args, base) -> None:
+  study = json.loads((RESULTS / "latent_study.json").read_text())
+  setup = describe(args, base)
+  if study["setup"] != setup:
+    sys.exit(f"the saved study ran with other settings:\n  {study['setup']}\nthis run:\n  {setup}")
+  keep = [r for r in study["rows"] if r["kind"] != "mla" or r["kv_latent_dim"] == 192]
+  rows = keep[:-1] + [run_variant(v, args, tempfile.mkdtemp()) for v in ABLATIONS] + keep[-1:]
+  lines = table(rows, args, base.hidden_size, args.layers)
+  print("\n".join(lines))
+  if args.no_write:
+    return
+  body = ["# Latent-size study, ablation at kv_latent_dim 192", "", *machine_lines(), "", setup + ".", "",
+          "The MHA, GQA and 'MLA d_c 192' rows are the full study's (latent_study.md, same settings and data "
+          "order); the others are trained now. 'd_rope 64' gives the decoupled RoPE part the width of a GQA "
+          "head; 'no query compression' projects the query straight from the input (q_latent_dim 0).", "",
+          *lines]
+  write_lines(RESULTS / "latent_study_ablation.md", body)
+
+
+def describe(args, base) -> str:
+  hidden = base.hidden_size
+  tokens = args.steps * args.batch * args.seq_len
+  return (f"hidden {hidden}, {args.layers} layers, {base.num_heads} heads of {hidden // base.num_heads}, "
+           f"SwiGLU {base.intermediate_size}; MLA q_latent_dim {base.q_latent_dim}, d_rope {base.d_rope}; "
+           f"{args.steps} steps of {args.batch} x {args.seq_len} tokens ({tokens / 1e6:.2f}M tokens), AdamW "
+           f"lr {args.learning_rate} (warmup {args.steps // 8}, cosine), byte tokenizer, embedded corpus "
+           f"(Python standard library, held-out files); validation loss over {args.eval_steps} batches "
+           f"({args.eval_steps * args.batch * args.seq_len:,} tokens)")
 
 
 def quality_verdicts(rows: list[dict], noise: float) -> list[str]:
