@@ -21,7 +21,6 @@ def _stack_params(unscanned: dict, period: int, layers: int) -> dict:
 
 
 @pytest.mark.parametrize("kind,overrides,period", [
-    ("mla", {"num_layers": 4}, 1),
     ("hybrid", {"num_layers": 4, "mamba_layers": (0, 2)}, 2),
     ("moe", {"num_layers": 4, "first_dense_layers": 0}, 1),
 ])
