@@ -161,7 +161,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stream=s
   if space:
     warn(space)
   checkpointer = ckpt_lib.Checkpointer(workdir, t.max_checkpoints, keep_best=t.keep_best)
-  state, start_step = restore_checkpoint(checkpointer, state, iterator, say)
+  try:
+    state, start_step = restore_checkpoint(checkpointer, state, iterator, say)
+  except BaseException:
+    close_after_error(checkpointer)  # stop orbax's background threads before the error exits the process
+    raise
 
   counts = count_params(cfg, params)
   flops = flops_per_token(cfg, params, T)

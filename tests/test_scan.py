@@ -22,7 +22,7 @@ def _stack_params(unscanned: dict, period: int, layers: int) -> dict:
 
 @pytest.mark.parametrize("kind,overrides,period", [
     ("hybrid", {"num_layers": 4, "mamba_layers": (0, 2)}, 2),
-    ("moe", {"num_layers": 4, "first_dense_layers": 0}, 1),
+    ("moe", {"num_layers": 2, "first_dense_layers": 0}, 1),
 ])
 def test_scanned_equals_unscanned(kind, overrides, period):
   plain = tiny_model_config(kind, **overrides)

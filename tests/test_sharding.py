@@ -68,7 +68,8 @@ class Runs:
       start(f"process{i}", [sys.executable, "-m", "mla_jax.train", f"--workdir={tmp / 'two'}"] + TRAIN_FLAGS
             + ["--config.mesh.fsdp=-1", "--config.mesh.data=1", f"--coordinator_address=localhost:{port}",
                "--num_processes=2", f"--process_id={i}"], _env(4))
-    start("single", [sys.executable, "-m", "mla_jax.train", f"--workdir={tmp / 'one'}"] + TRAIN_FLAGS, _env(1))
+    start("single", [sys.executable, "-m", "mla_jax.train", f"--workdir={tmp / 'one'}"] + TRAIN_FLAGS
+          + ["--config.sample.max_new_tokens=0"], _env(1))
     self.results = {}
 
   def wait(self, name: str):
