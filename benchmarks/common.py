@@ -46,3 +46,31 @@ def write_lines(path, lines: list[str]) -> Path:
   out.write_text("\n".join(lines) + "\n")
   print(f"wrote {out}")
   return out
+
+
+def train_step_seconds(config, params, tokens, steps: int, warmup: int = 1, vocab_size: int = 0) -> float:
+  """Median seconds of the real jitted train step (`make_train_step`, donated state) on `tokens`
+  [batch, seq_len + 1] for the model of `config` (vocabulary `vocab_size` when the config's is 0), after
+  `warmup` untimed steps (the first compiles)."""
+  from mla_jax.config import ModelConfig  # pylint: disable=g-import-not-at-top
+  from mla_jax.model import LanguageModel  # pylint: disable=g-import-not-at-top
+  from mla_jax.optim import make_optimizer, make_schedule  # pylint: disable=g-import-not-at-top
+  from mla_jax.train import initial_model_state  # pylint: disable=g-import-not-at-top
+  from mla_jax.train_step import TrainState, make_train_step  # pylint: disable=g-import-not-at-top
+  B, T = tokens.shape[0], tokens.shape[1] - 1
+  cfg = ModelConfig.from_config(config, vocab_size or None)
+  model = LanguageModel(cfg)
+  tx = make_optimizer(config.trainer, 1000)
+  state = TrainState.create(jax.tree_util.tree_map(jax.numpy.asarray, params), tx, jax.random.PRNGKey(1),
+                            initial_model_state(model, cfg, T))
+  train_step = make_train_step(config, model, tx, make_schedule(config.trainer, 1000))
+  batch = {"inputs": tokens[:, :-1].astype("int32"), "targets": tokens[:, 1:].astype("int32")}
+  holder = {"state": state}
+
+  def step():
+    holder["state"], metrics = train_step(holder["state"], batch)
+    jax.block_until_ready(metrics["loss"])
+
+  for _ in range(warmup):
+    step()
+  return median_time(step, steps)

@@ -162,9 +162,9 @@ def main(argv=None) -> None:
   args = parser.parse_args(argv)
 
   base = mla_config.get_config().model
-  runs = variants([int(c) for c in args.latents.split(",")], args.gqa_heads, base.num_heads)
   if args.ablation:
     return ablation(args, base)
+  runs = variants([int(c) for c in args.latents.split(",")], args.gqa_heads, base.num_heads)
   rows = []
   with tempfile.TemporaryDirectory() as tmp:
     workroot = args.workdir or tmp
@@ -203,7 +203,8 @@ def ablation(args, base) -> None:
   if study["setup"] != setup:
     sys.exit(f"the saved study ran with other settings:\n  {study['setup']}\nthis run:\n  {setup}")
   keep = [r for r in study["rows"] if r["kind"] != "mla" or r["kv_latent_dim"] == 192]
-  rows = keep[:-1] + [run_variant(v, args, tempfile.mkdtemp()) for v in ABLATIONS] + keep[-1:]
+  with tempfile.TemporaryDirectory() as tmp:
+    rows = keep[:-1] + [run_variant(v, args, args.workdir or tmp) for v in ABLATIONS] + keep[-1:]
   lines = table(rows, args, base.hidden_size, args.layers)
   print("\n".join(lines))
   if args.no_write:

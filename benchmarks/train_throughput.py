@@ -23,12 +23,9 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from benchmarks.common import median_time, write_results  # noqa: E402
+from benchmarks.common import median_time, train_step_seconds, write_results  # noqa: E402
 from mla_jax.config import ModelConfig, validate  # noqa: E402
-from mla_jax.model import LanguageModel, count_params, flops_per_token, init_params  # noqa: E402
-from mla_jax.optim import make_optimizer, make_schedule  # noqa: E402
-from mla_jax.train import initial_model_state  # noqa: E402
-from mla_jax.train_step import TrainState, make_train_step  # noqa: E402
+from mla_jax.model import count_params, flops_per_token, init_params  # noqa: E402
 
 BYTE_VOCAB = 320  # the byte tokenizer's vocabulary padded to a multiple of 64, as in training
 
@@ -50,21 +47,9 @@ def measure(name: str, batch: int, seq_len: int, steps: int) -> dict:
   config.trainer.batch_size, config.trainer.seq_len = batch, seq_len
   validate(config)
   cfg = ModelConfig.from_config(config, BYTE_VOCAB)
-  model = LanguageModel(cfg)
   params, _ = init_params(cfg, jax.random.PRNGKey(0), seq_len)
-  tx = make_optimizer(config.trainer, 1000)
-  state = TrainState.create(params, tx, jax.random.PRNGKey(1), initial_model_state(model, cfg, seq_len))
-  step = make_train_step(config, model, tx, make_schedule(config.trainer, 1000))
   tokens = np.random.default_rng(0).integers(0, 256, (batch, seq_len + 1)).astype(np.int32)
-  data = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
-  holder = {"state": state}
-
-  def run():
-    holder["state"], metrics = step(holder["state"], data)
-    jax.block_until_ready(metrics["loss"])
-
-  run()  # compile
-  seconds = median_time(run, steps)
+  seconds = train_step_seconds(config, params, tokens, steps, vocab_size=BYTE_VOCAB)
   flops = flops_per_token(cfg, params, seq_len)["total"]
   tok_s = batch * seq_len / seconds
   return {"name": name, "params": count_params(cfg, params), "seconds": seconds, "tok_s": tok_s,

@@ -32,14 +32,11 @@ sys.path.insert(0, str(ROOT))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from benchmarks.common import RESULTS, machine_lines, median_time, write_lines  # noqa: E402
+from benchmarks.common import RESULTS, machine_lines, median_time, train_step_seconds, write_lines  # noqa: E402
 from mla_jax import convert  # noqa: E402
 from mla_jax.config import ModelConfig, validate  # noqa: E402
 from mla_jax.generate import Decoder  # noqa: E402
-from mla_jax.model import LanguageModel, count_params  # noqa: E402
-from mla_jax.optim import make_optimizer, make_schedule  # noqa: E402
-from mla_jax.train import initial_model_state  # noqa: E402
-from mla_jax.train_step import TrainState, make_train_step  # noqa: E402
+from mla_jax.model import count_params  # noqa: E402
 
 VOCAB = 320
 
@@ -92,21 +89,7 @@ def jax_train_tok_s(config, params, tokens: np.ndarray, steps: int) -> float:
   config.trainer.batch_size, config.trainer.seq_len = B, T
   config.trainer.learning_rate, config.trainer.warmup_steps = 1e-4, 0
   validate(config)
-  cfg = ModelConfig.from_config(config)
-  model = LanguageModel(cfg)
-  tx = make_optimizer(config.trainer, 1000)
-  state = TrainState.create(jax.tree_util.tree_map(jax.numpy.asarray, params), tx, jax.random.PRNGKey(1),
-                            initial_model_state(model, cfg, T))
-  train_step = make_train_step(config, model, tx, make_schedule(config.trainer, 1000))
-  batch = {"inputs": tokens[:, :-1].astype(np.int32), "targets": tokens[:, 1:].astype(np.int32)}
-  holder = {"state": state}
-
-  def step():
-    holder["state"], metrics = train_step(holder["state"], batch)
-    jax.block_until_ready(metrics["loss"])
-
-  step(), step()
-  return B * T / median_time(step, steps)
+  return B * T / train_step_seconds(config, params, tokens, steps, warmup=2)
 
 
 def hf_decode(model, prompt: np.ndarray, new_tokens: int, batch: int) -> tuple[float, float]:

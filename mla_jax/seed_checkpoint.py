@@ -134,8 +134,8 @@ def check_against_config_json(config: ml_collections.ConfigDict, checkpoint: str
                        ("num_attention_heads", "num_heads"), ("kv_latent_dim", "kv_latent_dim"),
                        ("q_latent_dim", "q_latent_dim"), ("d_rope", "d_rope"), ("num_experts", "num_experts"),
                        ("experts_per_tok", "experts_per_tok"), ("intermediate_size", "intermediate_size")):
-    value = saved.get(theirs)
-    if value is not None and value != (m[ours] or None) and not (ours == "intermediate_size" and not m[ours]):
+    value = saved.get(theirs)  # intermediate_size 0 in the YAML means the seed's default, 4 x hidden
+    if value not in (None, m[ours]) and (m[ours] or ours != "intermediate_size"):
       raise ConfigError(f"model.{ours}", f"is {m[ours]} in the YAML but {theirs} is {value} in {path}")
 
 
