@@ -64,7 +64,7 @@ def worker(args) -> None:
   import numpy as np  # pylint: disable=g-import-not-at-top
 
   from benchmarks.common import median_time  # pylint: disable=g-import-not-at-top
-  from mla_jax import sharding  # pylint: disable=g-import-not-at-top
+  from mla_jax import memory, sharding  # pylint: disable=g-import-not-at-top
   from mla_jax.config import ModelConfig  # pylint: disable=g-import-not-at-top
   from mla_jax.model import LanguageModel  # pylint: disable=g-import-not-at-top
   from mla_jax.optim import make_optimizer, make_schedule  # pylint: disable=g-import-not-at-top
@@ -96,7 +96,7 @@ def worker(args) -> None:
     seconds = median_time(run, args.steps)
     print(json.dumps({"preset": name, "devices": n, "mesh": dict(plan.sizes), "compile_s": compile_s,
                       "step_s": seconds, "tok_s": args.batch * args.seq_len / seconds,
-                      "state_bytes": max(per_device.values()), "xla_bytes": sharding.memory_bytes(step)}),
+                      "state_bytes": max(per_device.values()), "xla_bytes": memory.compiled_bytes(step)}),
           flush=True)
 
 

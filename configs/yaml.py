@@ -7,10 +7,11 @@ model), so the seed guide's partial examples run as written. Unknown keys are re
 valid name. See mla_jax/config.py for every key.
 """
 
+from mla_jax.errors import ConfigError
 from mla_jax.seed_yaml import load_seed_yaml
 
 
 def get_config(arg=None):
   if not arg:
-    raise ValueError("configs/yaml.py needs a path: --config=configs/yaml.py:path/to/file.yaml")
+    raise ConfigError("config", "configs/yaml.py needs a path: --config=configs/yaml.py:path/to/file.yaml")
   return load_seed_yaml(arg)

@@ -72,9 +72,19 @@ else
   run "${CREATE[@]}"
 fi
 
-# 2. Copy this checkout (without .git, runs and caches) to every worker.
-run tar -C "$REPO" --exclude=.git --exclude=runs --exclude=.pytest_cache --exclude=__pycache__ \
-    -czf "$TARBALL" .
+# 2. Copy this checkout to every worker: the files git tracks or would track, so nothing .gitignore names
+#    (.venv, runs, caches) travels; without git, everything but .git, .venv, runs and caches.
+FILES="/tmp/mla_jax-$NAME.files"
+if git -C "$REPO" rev-parse --is-inside-work-tree >/dev/null 2>&1; then
+  (cd "$REPO" && git ls-files -z --cached --others --exclude-standard | while IFS= read -r -d '' f; do
+    if [[ -f "$f" ]]; then printf '%s\0' "$f"; fi  # tracked files deleted in the checkout are left out
+  done) > "$FILES"
+  echo "# copying $(tr -cd '\0' < "$FILES" | wc -c) files listed in $FILES"
+  run tar -C "$REPO" --null -T "$FILES" -czf "$TARBALL"
+else
+  run tar -C "$REPO" --exclude=.git --exclude=.venv --exclude=runs --exclude=.pytest_cache \
+      --exclude=__pycache__ -czf "$TARBALL" .
+fi
 run "${GCLOUD[@]}" scp "$TARBALL" "$NAME:~/mla_jax.tar.gz" "${COMMON[@]}" --worker=all
 
 # 3. Unpack and install on every worker; mount the bucket when one is given.

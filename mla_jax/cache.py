@@ -6,10 +6,13 @@ One cache per layer, chosen by the layer's mixer:
   GQA     KVCache: k and v [B, S, kv_heads, head_dim].
   Mamba2  {conv [B, K-1, E], ssm [B, H, P, N] float32} from `layers.mamba2.init_cache`: constant size.
 
-Key slot s holds the token at position s. A layer writes the T new entries of a call at slots
-positions[0, 0] .. positions[0, 0] + T - 1 with `lax.dynamic_update_slice` (all rows of a batch share one
-write position), and the attention mask (slot s visible iff s <= query position) hides the slots that are
-not written yet. Under jit with the caches donated, XLA updates the buffers in place.
+Key slot s holds the token at position s. A layer writes entry [b, t] of a call at slot positions[b, t]
+(`write`: each row has its own positions, so rows of a batch may be at different lengths), and the
+attention mask (slot s visible iff s <= query position) hides the slots that are not written yet. Under
+jit with the caches donated, XLA updates the buffers in place. A position outside the cache is an error
+(CacheOverflowError) wherever the positions are known on the host: eager calls, and the `generate` driver,
+which sizes the caches to the prompt plus the new tokens. Inside a jitted program such a write is dropped
+(never clamped onto another slot), so a driver that jits its own steps must keep positions < max_len.
 """
 
 from __future__ import annotations
@@ -47,11 +50,40 @@ class KVCache:
   v: jax.Array  # [B, S, kv_heads, head_dim]
 
 
+class CacheOverflowError(ValueError):
+  """A cache write at a position outside the cache's slots."""
+
+
+def check_positions(positions_BT, length: int) -> None:
+  """Raises CacheOverflowError unless every position is a slot of a cache with `length` slots."""
+  pos = np.asarray(positions_BT)
+  if pos.size and (pos.min() < 0 or pos.max() >= length):
+    raise CacheOverflowError(f"cache write at positions {pos.min()}..{pos.max()} but the cache has {length} "
+                             f"slots (0..{length - 1}): allocate the caches with max_len >= the last position + 1")
+
+
 def write(cache_BS: jax.Array, new_BT: jax.Array, positions_BT: jax.Array) -> jax.Array:
-  """Writes new_BT[:, t] into slot positions_BT[0, 0] + t of cache_BS (all other slots unchanged)."""
-  start = positions_BT[0, 0].astype(jnp.int32)
-  index = (jnp.zeros((), jnp.int32), start) + (jnp.zeros((), jnp.int32),) * (cache_BS.ndim - 2)
-  return jax.lax.dynamic_update_slice(cache_BS, new_BT.astype(cache_BS.dtype), index)
+  """Writes new_BT[b, t] into slot positions_BT[b, t] of cache_BS (all other slots unchanged).
+
+  Concrete positions outside the cache raise CacheOverflowError; traced ones are dropped (see the module
+  docstring). One row with one token (batch-1 decode) is a dynamic_update_slice, the rest a scatter.
+  """
+  (B, T), S = positions_BT.shape, cache_BS.shape[1]
+  if T > S:
+    raise CacheOverflowError(f"cache write of {T} tokens but the cache has {S} slots")
+  if not isinstance(positions_BT, jax.core.Tracer):
+    check_positions(positions_BT, S)
+  new_BT = new_BT.astype(cache_BS.dtype)
+  if B == 1 and T == 1:
+    start = positions_BT[0, 0].astype(jnp.int32)
+    zero = jnp.zeros((), jnp.int32)
+    index = (zero, jnp.clip(start, 0, S - 1)) + (zero,) * (cache_BS.ndim - 2)
+    # dynamic_update_slice clamps the index: out of range, the clamped slot gets its own value back.
+    old_BT = jax.lax.dynamic_slice(cache_BS, index, new_BT.shape)
+    new_BT = jnp.where((start >= 0) & (start < S), new_BT, old_BT)
+    return jax.lax.dynamic_update_slice(cache_BS, new_BT, index)
+  rows_B1 = jnp.arange(B, dtype=jnp.int32)[:, None]
+  return cache_BS.at[rows_B1, positions_BT].set(new_BT, mode="drop", wrap_negative_indices=False)
 
 
 def init_cache(cfg: ModelConfig, layer: int, batch: int, max_len: int, dtype: Any = jnp.float32,

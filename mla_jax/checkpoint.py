@@ -7,9 +7,10 @@ never replaces the last good checkpoint; leftover temporary directories are remo
 
 Retention keeps the `max_to_keep` newest checkpoints and, with `keep_best`, also the one with the lowest
 validation loss. `restore_latest` checks the saved shapes against the target before reading (a mismatch
-is a CheckpointError naming the first differing path) and falls back past unreadable checkpoints,
-moving them to `<workdir>/checkpoints.corrupt/`. Restores read into abstract arrays that carry the
-target's shardings, so a checkpoint written on one device count loads onto another.
+is a CheckpointError naming the first differing path) and falls back past unreadable checkpoints (missing,
+truncated or undecodable files), moving them to `<workdir>/checkpoints.corrupt/`; any other failure (out of
+memory, an I/O error) stops with that error and moves nothing. Restores read into abstract arrays that
+carry the target's shardings, so a checkpoint written on one device count loads onto another.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import errno
 import json
 import math
 import os
+import re
 import shutil
 import sys
 from typing import Any, Callable, Optional
@@ -27,6 +29,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as ocp_policies
 
+from mla_jax import config as config_lib
 from mla_jax.errors import CheckpointError, WorkdirError
 
 _MiB = 1 << 20
@@ -42,6 +45,43 @@ def corrupt_dir(workdir: str) -> str:
 
 def _warn(text: str) -> None:
   print(f"warning: {text}", file=sys.stderr, flush=True)
+
+
+# The status codes tensorstore (and XLA) put first in a message that mean a file is missing, truncated or
+# does not decode: what a restore raises after deleting, truncating or overwriting a saved checkpoint's
+# files. Other codes (RESOURCE_EXHAUSTED, UNAVAILABLE, PERMISSION_DENIED, UNKNOWN...) are not corruption.
+_UNREADABLE_STATUS = ("NOT_FOUND", "OUT_OF_RANGE", "DATA_LOSS", "FAILED_PRECONDITION", "INVALID_ARGUMENT")
+_STATUS = re.compile(r"([A-Z_]+): ")
+
+
+class _Inconsistent(ValueError):
+  """A checkpoint lacks a part or its records contradict each other (found by the checks here)."""
+
+
+def is_unreadable(error: BaseException) -> bool:
+  """Whether `error`, raised by a restore, shows that the checkpoint's files are missing, truncated, not
+  decodable or inconsistent, so an older checkpoint may be used instead.
+
+  Its cause chain must hold such an error (a missing file, invalid JSON, a tensorstore decode error) and
+  nothing that may be about the machine rather than the files: MemoryError, an OSError other than a
+  missing file, an out-of-memory or unavailable status. Unknown errors are not corruption either.
+  """
+  unreadable, seen = False, set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if isinstance(error, (FileNotFoundError, NotADirectoryError, json.JSONDecodeError, UnicodeDecodeError,
+                          _Inconsistent)):
+      unreadable = True
+    elif isinstance(error, (OSError, MemoryError)):
+      return False
+    else:
+      status = _STATUS.match(str(error))
+      if status:
+        if status.group(1) not in _UNREADABLE_STATUS:
+          return False
+        unreadable = True
+    error = error.__cause__ or error.__context__
+  return unreadable
 
 
 def _reason(error: BaseException) -> str:
@@ -143,25 +183,29 @@ class Checkpointer:
   def _state_metadata(self, step: int):
     metadata = self.manager.item_metadata(step)["state"]
     if metadata is None:
-      raise ValueError("no state metadata")
+      raise _Inconsistent("no state metadata")
     return metadata.tree if hasattr(metadata, "tree") else metadata
 
   def restore(self, step: int, abstract_state) -> tuple[Any, dict]:
     """Restores (state, meta) at `step` into the structure and shardings of `abstract_state`."""
+    for item in ("state", "meta"):
+      if not os.path.isdir(os.path.join(self.directory, str(step), item)):
+        raise _Inconsistent(f"its {item} folder is missing")
     self.check_compatible(step, abstract_state)
     restored = self.manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
     meta = restored["meta"]
     if not isinstance(meta, dict) or "data" not in meta or "config" not in meta:
-      raise ValueError("the meta record lacks the data-iterator state or the config")
+      raise _Inconsistent("the meta record lacks the data-iterator state or the config")
     return restored["state"], meta
 
   def restore_latest(self, abstract_state, warn: Callable[[str], None] = _warn):
     """(step, state, meta) of the newest readable checkpoint, or None when there is none.
 
-    Unreadable checkpoints newer than it are moved to `<workdir>/checkpoints.corrupt/` with a warning.
-    A shape mismatch raises CheckpointError at once. If every checkpoint is unreadable nothing is moved
-    and a CheckpointError lists them.
+    Unreadable checkpoints newer than it (`is_unreadable`: missing, truncated or undecodable files) are
+    moved to `<workdir>/checkpoints.corrupt/` with a warning. A shape mismatch raises CheckpointError at
+    once; any other error (out of memory, an I/O error, an interrupt) propagates and moves nothing. If
+    every checkpoint is unreadable nothing is moved and a CheckpointError lists them.
     """
     bad = []
     for step in reversed(self.all_steps()):
@@ -170,6 +214,8 @@ class Checkpointer:
       except CheckpointError:
         raise
       except Exception as e:  # pylint: disable=broad-except  # truncated or corrupt files fail in many ways
+        if not is_unreadable(e):
+          raise
         bad.append((step, e))
         continue
       for bad_step, error in bad:
@@ -255,6 +301,69 @@ def prepare_workdir(workdir: str) -> None:
     raise WorkdirError(f"workdir {workdir} is not usable: {_reason(e)}") from e
 
 
+def missing_root(path: str) -> Optional[str]:
+  """The outermost folder of `path` (itself included) that does not exist yet, or None."""
+  path, root = os.path.abspath(path), None
+  while not os.path.exists(path):
+    root, parent = path, os.path.dirname(path)
+    if parent == path:
+      break
+    path = parent
+  return root
+
+
+def remove_empty_outputs(workdir: str, created_root: Optional[str] = None, remove_config: bool = False) -> None:
+  """After a failed start: removes an empty checkpoints/ folder and an empty metrics.jsonl, then (with
+  `remove_config`: the run wrote it) config.json if neither is left, then the empty folders from the
+  workdir up to `created_root` (what the run created). Nothing that holds data is touched."""
+  workdir = os.path.abspath(workdir)
+  outputs = (checkpoint_dir(workdir), os.path.join(workdir, "metrics.jsonl"))
+  for path in outputs:
+    try:
+      if os.path.isdir(path) and not os.path.islink(path):
+        os.rmdir(path)  # only succeeds when empty
+      elif os.path.isfile(path) and os.path.getsize(path) == 0:
+        os.remove(path)
+    except OSError:
+      pass
+  config_json = os.path.join(workdir, "config.json")
+  if remove_config and not any(os.path.lexists(path) for path in outputs) and os.path.isfile(config_json):
+    os.remove(config_json)
+  if created_root:
+    path = workdir
+    while path.startswith(created_root):
+      try:
+        os.rmdir(path)
+      except OSError:
+        return
+      path = os.path.dirname(path)
+
+
+def saved_steps(workdir: str) -> list[int]:
+  """Steps of the complete checkpoints in `workdir` (orbax renames a step's folder to its number only once
+  it is fully written), read from the folder names without opening any."""
+  directory = checkpoint_dir(workdir)
+  try:
+    names = os.listdir(directory)
+  except OSError:
+    return []
+  return sorted(int(n) for n in names if n.isdigit() and os.path.isdir(os.path.join(directory, n)))
+
+
+def saved_with_model(workdir: str, step: int, config: ml_collections.ConfigDict) -> bool:
+  """Whether checkpoint `step` was saved with the same model section as `config`, and its record and state
+  metadata are readable (the arrays themselves are read only by a restore)."""
+  checkpointer = Checkpointer(workdir, max_to_keep=0, async_save=False)
+  try:
+    saved = json.loads(checkpointer.restore_meta(step)["config"])["model"]
+    checkpointer._state_metadata(step)  # pylint: disable=protected-access
+    return saved == json.loads(config.to_json())["model"]
+  except Exception:  # pylint: disable=broad-except  # unreadable: the restore path reports or falls back
+    return False
+  finally:
+    checkpointer.manager.close()
+
+
 def check_free_space(workdir: str, checkpoint_bytes: int, keep: int) -> Optional[str]:
   """Raises WorkdirError if one checkpoint cannot fit; returns a warning if `keep` + 1 of them may not."""
   free = shutil.disk_usage(os.path.abspath(workdir)).free
@@ -271,6 +380,6 @@ def check_free_space(workdir: str, checkpoint_bytes: int, keep: int) -> Optional
 
 def config_from_meta(meta: dict) -> ml_collections.ConfigDict:
   try:
-    return ml_collections.ConfigDict(json.loads(meta["config"]))
+    return config_lib.from_saved(json.loads(meta["config"]))
   except (KeyError, ValueError) as e:
     raise CheckpointError(f"checkpoint metadata holds no readable config ({e})") from e

@@ -50,6 +50,10 @@ DEFAULT_LOGICAL_AXIS_RULES = (
 )
 
 
+# Concrete rematerialisation policies, ordered by how much they recompute (least first).
+REMAT_POLICIES = ("none", "dots", "full")
+
+
 def default_config() -> ml_collections.ConfigDict:
   """Every key that exists, with its default. Config files start from this and change what they need."""
   c = ml_collections.ConfigDict()
@@ -69,8 +73,8 @@ def default_config() -> ml_collections.ConfigDict:
   m.rms_norm_eps = 1e-6
   m.tie_embeddings = False
   m.dtype = "float32"  # compute dtype: float32 | bfloat16
-  m.attention_impl = "auto"  # auto | reference | xla | cudnn | chunked
-  m.attention_chunk_size = 512  # query block for attention_impl=chunked
+  m.attention_impl = "auto"  # auto | reference | xla | cudnn | chunked | flash (Pallas TPU kernel)
+  m.attention_chunk_size = 512  # query block of the chunked form (chunked; auto on CPU beyond 1024 tokens)
   # MLA (DeepSeek-V2): non-Mamba layers are MLA when kv_latent_dim > 0, else GQA.
   m.kv_latent_dim = 0
   m.q_latent_dim = 0  # 0: no query compression
@@ -104,6 +108,10 @@ def default_config() -> ml_collections.ConfigDict:
   m.mamba2_dt_init_floor = 1e-4
   m.mamba_ffn = False  # Mamba2 layers also get an FFN (the Mamba2 paper: no)
   m.scan_layers = False  # scan over a repeating super-block so compile time stays flat with depth
+  # Rematerialisation per block (and per scanned super-block): none | dots (keep matmul outputs, recompute
+  # attention scores and elementwise work) | full (keep only each block's input) | auto (training compiles
+  # the policies in REMAT_POLICIES order and takes the first that fits the device; elsewhere none).
+  m.remat = "auto"
 
   c.trainer = t = ml_collections.ConfigDict()
   t.learning_rate = 3e-4
@@ -122,6 +130,10 @@ def default_config() -> ml_collections.ConfigDict:
   t.decay_norms = False
   t.decay_embeddings = False
   t.z_loss_alpha = 0.0  # output-logit z-loss
+  # Cross-entropy in chunks of this many tokens of the global (micro-)batch, [batch, chunk / batch, vocab]
+  # logits at a time, recomputed in backward: no [batch, seq_len, vocab] float32 tensor is kept. 0, or a
+  # batch of at most one chunk: the plain loss. Raise it with the data-parallel width on accelerators.
+  t.loss_chunk_size = 1024
   t.load_balance_alpha = 0.01
   t.router_z_loss_alpha = 0.0
   t.log_interval = 10
@@ -143,7 +155,7 @@ def default_config() -> ml_collections.ConfigDict:
   d.format = "auto"  # auto | text | uint32 | uint16
   d.tokenizer = "byte"  # byte | path to a Hugging Face tokenizer.json
   d.val_fraction = 0.05  # held-out share of the files (stdlib/folder) or of the tokens (one file)
-  d.max_bytes = 24_000_000  # cap on the embedded corpus size
+  d.max_bytes = 24_000_000  # cap on the UTF-8 bytes read from the stdlib corpus or a folder of files
 
   c.sample = s = ml_collections.ConfigDict()
   s.prompt = "def "
@@ -174,8 +186,9 @@ _SEED_NOOP_KEYS = {
 
 _CHOICES = {
     "model.dtype": ("float32", "bfloat16"),
-    "model.attention_impl": ("auto", "reference", "xla", "cudnn", "chunked"),
+    "model.attention_impl": ("auto", "reference", "xla", "cudnn", "chunked", "flash"),
     "model.moe_dispatch": ("ragged", "capacity", "dense"),
+    "model.remat": ("auto",) + REMAT_POLICIES,
     "data.format": ("auto", "text", "uint32", "uint16"),
 }
 
@@ -195,17 +208,24 @@ def _flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
 def check_known_keys(cfg: ml_collections.ConfigDict) -> None:
   """Unknown keys are rejected with the nearest valid name (the seed trainer silently ignored them)."""
   known = _flatten(default_config())
-  known_sections = {k.split(".")[0] for k in known}
   for key in _flatten(cfg):
-    if key in known:
-      continue
-    if key.split(".")[0] not in known_sections and "." in key:
-      candidates = sorted(known_sections)
-      close = difflib.get_close_matches(key.split(".")[0], candidates, n=1)
-    else:
-      close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.5)
-    hint = f"; did you mean {close[0]}?" if close else ""
-    raise ConfigError(key, f"unknown key{hint}")
+    error = unknown_key_error(key, known)
+    if error:
+      raise error
+
+
+def unknown_key_error(key: str, known: Optional[dict] = None) -> Optional[ConfigError]:
+  """None for a key of default_config(), else the ConfigError naming the nearest valid key or section."""
+  known = known or _flatten(default_config())
+  if key in known:
+    return None
+  known_sections = {k.split(".")[0] for k in known}
+  if key.split(".")[0] not in known_sections and "." in key:
+    close = difflib.get_close_matches(key.split(".")[0], sorted(known_sections), n=1)
+  else:
+    close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.5)
+  hint = f"; did you mean {close[0]}?" if close else ""
+  return ConfigError(key, f"unknown key{hint}")
 
 
 def _positive(flat: dict, *keys: str) -> None:
@@ -242,7 +262,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     raise ConfigError("model.hidden_size",
                       f"{hidden} is not divisible by model.num_heads={heads} (or set model.head_dim)")
   kv_heads = f["model.kv_heads"] or heads
-  if f["model.kv_latent_dim"] == 0 and heads % kv_heads:
+  if heads % kv_heads:  # refused in MLA models too, where kv_heads is unused: it is wrong for any model
     raise ConfigError("model.kv_heads", f"model.num_heads={heads} is not divisible by kv_heads={kv_heads}")
   if f["model.kv_latent_dim"] > 0:
     if f["model.d_rope"] <= 0:
@@ -274,13 +294,15 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     raise ConfigError("model.first_dense_layers", "must not exceed num_layers")
 
   _validate_layers(f)
+  _warn_unused_keys(f)
 
   _positive(f, "trainer.learning_rate", "trainer.batch_size", "trainer.gradient_accumulation",
             "trainer.max_steps", "trainer.log_interval", "trainer.eval_interval", "trainer.save_interval",
             "trainer.max_skipped_steps")
   _non_negative(f, "trainer.warmup_steps", "trainer.seq_len", "trainer.num_epochs", "trainer.weight_decay",
                 "trainer.max_grad_norm", "trainer.z_loss_alpha", "trainer.load_balance_alpha",
-                "trainer.router_z_loss_alpha", "trainer.eval_steps", "trainer.max_checkpoints")
+                "trainer.router_z_loss_alpha", "trainer.eval_steps", "trainer.max_checkpoints",
+                "trainer.loss_chunk_size")
   if f["trainer.batch_size"] % f["trainer.gradient_accumulation"]:
     raise ConfigError("trainer.batch_size", f"{f['trainer.batch_size']} is not divisible by "
                       f"trainer.gradient_accumulation={f['trainer.gradient_accumulation']}")
@@ -295,6 +317,35 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     size = f[f"mesh.{axis}"]
     if size == 0 or size < -1:
       raise ConfigError(f"mesh.{axis}", f"must be a positive size or -1 (the remaining devices), got {size}")
+
+
+def _warn_unused_keys(f: dict) -> None:
+  """Warns (once per message) about attention keys that are set but that this model's layers never read."""
+  kinds = layer_kinds(f["model.num_layers"], tuple(f["model.mamba_layers"] or ()), f["model.layer_pattern"])
+  if "attention" not in kinds:
+    return
+  if f["model.kv_latent_dim"] > 0:
+    if f["model.kv_heads"]:
+      warnings.warn(f"model.kv_heads={f['model.kv_heads']} is ignored by MLA layers (their keys and values "
+                    "come from the kv_latent_dim latent); it only sets the GQA row that generate --report_cache "
+                    "compares against")
+    return
+  for key in ("model.v_head_dim", "model.q_latent_dim", "model.d_rope"):
+    if f[key]:
+      warnings.warn(f"{key}={f[key]} is ignored: it is an MLA key and model.kv_latent_dim is 0, so attention "
+                    "layers are GQA (set model.kv_latent_dim for MLA)")
+
+
+def warn_unused_vocab(cfg: ml_collections.ConfigDict, tokenizer_vocab: int) -> None:
+  """Warns when model.vocab_size is far above the tokenizer's vocabulary: rows no token ever selects."""
+  m = cfg.model
+  unused = m.vocab_size - tokenizer_vocab
+  if m.vocab_size and m.vocab_size > 2 * tokenizer_vocab:
+    wasted = unused * m.hidden_size * (1 if m.tie_embeddings else 2)
+    rows = "embedding" if m.tie_embeddings else "embedding and output"
+    warnings.warn(f"model.vocab_size={m.vocab_size:,} is far above the tokenizer's vocabulary "
+                  f"({tokenizer_vocab:,}): {unused:,} {rows} rows are never used, {wasted:,} parameters "
+                  "wasted; model.vocab_size=0 follows the tokenizer")
 
 
 def layer_kinds(num_layers: int, mamba_layers, layer_pattern: str) -> tuple[str, ...]:
@@ -393,6 +444,7 @@ class ModelConfig:
   mamba2_dt_init_floor: float
   mamba_ffn: bool
   scan_layers: bool
+  remat: str
 
   @property
   def use_mla(self) -> bool:
@@ -482,7 +534,22 @@ class ModelConfig:
         mamba2_dt_init_floor=float(m.mamba2_dt_init_floor),
         mamba_ffn=bool(m.mamba_ffn),
         scan_layers=bool(m.scan_layers),
+        remat=m.get("remat", "auto"),
     )
+
+
+def from_saved(saved: dict) -> ml_collections.ConfigDict:
+  """A config saved as JSON (a checkpoint's record), on top of today's defaults: keys added since it was
+  saved take their defaults, and JSON lists become the tuples the defaults use."""
+  config = default_config()
+  as_tuple = lambda v: tuple(as_tuple(x) for x in v) if isinstance(v, list) else v
+  for section, values in saved.items():
+    if isinstance(values, dict) and isinstance(config.get(section), ml_collections.ConfigDict):
+      for key, value in values.items():
+        config[section][key] = as_tuple(value) if isinstance(config[section].get(key), tuple) else value
+    else:
+      config[section] = as_tuple(values)
+  return config
 
 
 def seq_len(cfg: ml_collections.ConfigDict) -> int:
@@ -490,11 +557,18 @@ def seq_len(cfg: ml_collections.ConfigDict) -> int:
 
 
 
-def format_config(cfg: ml_collections.ConfigDict) -> str:
-  """One `section.key = value` line per key (logical axis rules on one line)."""
-  lines = []
-  for key, value in sorted(_flatten(cfg).items()):
-    if key == "logical_axis_rules":
-      value = ", ".join(f"{name}->{axes}" for name, axes in value)
-    lines.append(f"  {key} = {value}")
-  return "\n".join(lines)
+def summary(cfg: ml_collections.ConfigDict, model: ModelConfig) -> str:
+  """One line: the model's layers (run-length coded), widths and the learning-rate schedule."""
+  kinds = [model.mixer_kind(i) + (f"+{model.ffn_kind(i)}" if model.ffn_kind(i) else "")
+           for i in range(model.num_layers)]
+  runs = []
+  for kind in kinds:
+    if runs and runs[-1][0] == kind:
+      runs[-1][1] += 1
+    else:
+      runs.append([kind, 1])
+  layers = ", ".join(f"{kind} x{n}" if n > 1 else kind for kind, n in runs)
+  t = cfg.trainer
+  return (f"{cfg.model.name}: {model.num_layers} layers ({layers}), hidden {model.hidden_size}, "
+          f"{model.num_heads} heads, vocab {model.vocab_size}; learning rate {t.learning_rate:g}, "
+          f"warmup {t.warmup_steps} steps")

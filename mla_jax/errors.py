@@ -1,4 +1,14 @@
-"""User-facing errors: each one is printed as a single line by the command-line entry points."""
+"""User-facing errors: each one is printed as a single line by the command-line entry points.
+
+Every type here can be built from one message (libraries re-raise errors as `type(e)(message)`).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Optional
+
+_CONFIG_ERROR_LINE = re.compile(r"config error: ([\w.\[\]-]+): (.+)")
 
 
 class UserError(Exception):
@@ -6,12 +16,21 @@ class UserError(Exception):
 
 
 class ConfigError(UserError, ValueError):
-  """A config key breaks a rule. The message starts with the key's dotted name."""
+  """A config key breaks a rule. The message starts with the key's dotted name.
 
-  def __init__(self, key: str, rule: str):
+  `ConfigError(key, rule)`; `ConfigError(message)` also works, because libraries re-raise an error as
+  `type(e)(text)` (ml_collections does, with the traceback as text): the key and rule are then read back
+  from the text's last `config error: KEY: RULE` line, or are None with the text as the message.
+  """
+
+  def __init__(self, key: str, rule: Optional[str] = None):
+    if rule is None:
+      key, rule, message = _parse_config_error(key)
+    else:
+      message = f"config error: {key}: {rule}"
     self.key = key
     self.rule = rule
-    super().__init__(f"config error: {key}: {rule}")
+    super().__init__(message)
 
 
 class DataError(UserError, ValueError):
@@ -28,3 +47,12 @@ class WorkdirError(UserError, OSError):
 
 class TrainingError(UserError, RuntimeError):
   """Training cannot go on (e.g. too many consecutive non-finite updates). The message names the step."""
+
+
+def _parse_config_error(text: str) -> tuple[Optional[str], Optional[str], str]:
+  """(key, rule, message) from a message that may carry a traceback ending in a ConfigError line."""
+  for line in reversed(str(text).splitlines()):
+    match = _CONFIG_ERROR_LINE.search(line)
+    if match:
+      return match.group(1), match.group(2), f"config error: {match.group(1)}: {match.group(2)}"
+  return None, None, str(text)

@@ -83,7 +83,8 @@ def run_evaluate(workdir: str, data: Optional[str] = None, batches: Optional[int
   if not batch_list:
     raise DataError(f"{source}: no evaluation batch of {batch_size} x {T} tokens")
   model_state = {k: v for k, v in variables.items() if k != "params"}
-  nll, count = evaluation_totals(make_eval_step(LanguageModel(cfg)), variables["params"], model_state, batch_list)
+  eval_step = make_eval_step(LanguageModel(cfg), loss_chunk_size=config.trainer.get("loss_chunk_size", 0))
+  nll, count = evaluation_totals(eval_step, variables["params"], model_state, batch_list)
   num_bytes = sum(target_bytes(tokenizer, b["targets"]) for b in batch_list)
   loss = nll / max(count, 1.0)
   record = {

@@ -16,7 +16,7 @@ from flax import linen as nn
 
 from mla_jax.config import ModelConfig
 from mla_jax.layers.attention import GQA
-from mla_jax.layers.common import Dense, RMSNorm, compute_dtype
+from mla_jax.layers.common import Dense, RMSNorm, compute_dtype, param_role
 from mla_jax.layers.mla import MLA
 from mla_jax.layers.mlp import SwiGLU
 
@@ -59,6 +59,31 @@ class Block(nn.Module):
     return x_BTD, new_cache, aux
 
 
+def remat_policy(name: str):
+  """The jax.checkpoint policy of a concrete `model.remat` value (None for none/auto: no remat).
+
+  dots: matmul outputs without batch dimensions (the projections) are saved; attention scores and
+  probabilities (batched dots) and elementwise work are recomputed. full: nothing is saved but the input.
+  """
+  if name in ("none", "auto"):
+    return None
+  if name == "dots":
+    return jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+  if name == "full":
+    return jax.checkpoint_policies.nothing_saveable
+  raise ValueError(f"unknown model.remat {name!r}")
+
+
+def _rematted(module_cls, cfg: ModelConfig, scanned: bool):
+  """module_cls wrapped in nn.remat under cfg.remat (unchanged for none/auto). Module names, and so
+  parameter paths, stay the same. Inside nn.scan the loop already keeps XLA from merging the
+  recomputation back into the forward pass, so prevent_cse is off there (as jax.checkpoint advises)."""
+  policy = remat_policy(cfg.remat)
+  if policy is None:
+    return module_cls
+  return nn.remat(module_cls, policy=policy, prevent_cse=not scanned)
+
+
 class SuperBlock(nn.Module):
   """`period` consecutive blocks: the body that `nn.scan` repeats when cfg.scan_layers is set."""
 
@@ -79,7 +104,8 @@ def scanned_blocks(cfg: ModelConfig, x_BTD: jax.Array, positions_BT: jax.Array) 
   axis), so the compiled program holds one super-block whatever the depth. Returns per-layer MoE aux."""
   period = cfg.scan_period
   repeats = cfg.num_layers // period
-  scan = nn.scan(SuperBlock, variable_axes={"params": 0}, split_rngs={"params": True},
+  body = _rematted(SuperBlock, cfg, scanned=True)
+  scan = nn.scan(body, variable_axes={"params": 0}, split_rngs={"params": True},
                  in_axes=(nn.broadcast,), length=repeats, metadata_params={nn.PARTITION_NAME: "layers"})
   x_BTD, auxes = scan(cfg, period, name="layers")(x_BTD, positions_BT)
   layer_aux = [jax.tree_util.tree_map(lambda a, r=r: a[r], auxes[j])
@@ -91,14 +117,17 @@ class LanguageModel(nn.Module):
   """tokens [B, T] -> (logits [B, T, V] float32, aux, new_caches).
 
   `positions_BT` defaults to 0..T-1. `caches` (one entry per layer, see mla_jax.cache) switches the
-  mixers to incremental decoding; without it the whole sequence is processed at once.
+  mixers to incremental decoding; without it the whole sequence is processed at once. With
+  `return_hidden` the first output is the final-normed hidden states [B, T, D] in the compute dtype
+  instead of the logits (the LM head is not applied; `lm_head_weight` gives its weight), for a loss
+  that applies the head chunk by chunk (mla_jax.ops.cross_entropy).
   """
 
   cfg: ModelConfig
 
   @nn.compact
   def __call__(self, tokens_BT: jax.Array, positions_BT: Optional[jax.Array] = None,
-               caches: Optional[list] = None):
+               caches: Optional[list] = None, return_hidden: bool = False):
     cfg = self.cfg
     dtype = compute_dtype(cfg.dtype)
     B, T = tokens_BT.shape
@@ -114,19 +143,29 @@ class LanguageModel(nn.Module):
       if caches is not None:
         raise ValueError("decoding with caches needs unscanned layers: set model.scan_layers=False")
       x_BTD, layer_aux = scanned_blocks(cfg, x_BTD, positions_BT)
+    # Decoding with caches never differentiates, so it runs the plain blocks.
+    block_cls = Block if caches is not None else _rematted(Block, cfg, scanned=False)
     for i in range(0 if cfg.scan_layers else cfg.num_layers):
-      x_BTD, new_cache, aux = Block(cfg, i, name=f"layer_{i}")(x_BTD, positions_BT,
-                                                               None if caches is None else caches[i])
+      x_BTD, new_cache, aux = block_cls(cfg, i, name=f"layer_{i}")(x_BTD, positions_BT,
+                                                                   None if caches is None else caches[i])
       new_caches.append(new_cache)
       if aux:
         layer_aux.append(aux)
     x_BTD = RMSNorm(cfg.rms_norm_eps, dtype, name="final_norm")(x_BTD)
+    if return_hidden:
+      x_BTD = nn.with_logical_constraint(x_BTD, ACTIVATION_AXES)
+      return x_BTD, merge_moe_aux(layer_aux), (new_caches if caches is not None else None)
     if cfg.tie_embeddings:
       logits_BTV = jnp.einsum("btd,vd->btv", x_BTD, embedding_VD.astype(dtype))
     else:
       logits_BTV = Dense(cfg.vocab_size, ("embed", "vocab"), dtype=dtype, name="lm_head")(x_BTD)
     logits_BTV = nn.with_logical_constraint(logits_BTV, ("batch", "activation_length", "activation_vocab"))
     return logits_BTV.astype(jnp.float32), merge_moe_aux(layer_aux), (new_caches if caches is not None else None)
+
+
+def lm_head_weight(cfg: ModelConfig, params) -> jax.Array:
+  """The LM head's float32 weight [D, V]: `lm_head/kernel`, or the transposed embedding when tied."""
+  return params["embedding"].T if cfg.tie_embeddings else params["lm_head"]["kernel"]
 
 
 def merge_moe_aux(layer_aux: list[dict]) -> dict:
@@ -166,7 +205,10 @@ def _path_names(path) -> list[str]:
 
 
 def count_params(cfg: ModelConfig, params) -> dict[str, int]:
-  """Total, active-per-token (MoE: k routed + shared experts) and per-kind parameter counts."""
+  """Total, active-per-token (MoE: k routed + shared experts) and per-kind parameter counts.
+
+  "vectors" counts the parameters that are not matmul weights (norm scales, biases, Mamba2's A_log, D and
+  dt_bias), by role (`layers.common.param_role`), so stacked (scanned) layers count the same."""
   counts: dict[str, int] = {"total": 0, "active": 0, "vectors": 0}
   for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
     names = _path_names(path)
@@ -180,7 +222,7 @@ def count_params(cfg: ModelConfig, params) -> dict[str, int]:
     if kind == "moe" and names[-1] in ("w_gate", "w_up", "w_down"):
       active = n * cfg.experts_per_tok // cfg.num_experts
     counts["active"] += active
-    if leaf.ndim <= 1:
+    if param_role(path) in ("norm", "vector"):
       counts["vectors"] += n
   return counts
 

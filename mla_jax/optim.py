@@ -5,6 +5,8 @@ from __future__ import annotations
 import jax
 import optax
 
+from mla_jax.layers.common import param_role
+
 
 def make_schedule(tcfg, total_steps: int) -> optax.Schedule:
   """Linear warmup from 0 to learning_rate, then cosine decay to learning_rate * min_lr_ratio."""
@@ -15,17 +17,11 @@ def make_schedule(tcfg, total_steps: int) -> optax.Schedule:
 
 
 def decay_mask(tcfg, params):
-  """True where weight decay applies: matrices, and norms / embeddings only when the config says so."""
-
-  def decays(path, leaf) -> bool:
-    names = [str(getattr(k, "key", k)) for k in path]
-    if "embedding" in names:
-      return tcfg.decay_embeddings
-    if names[-1] == "scale":
-      return tcfg.decay_norms
-    return leaf.ndim >= 2
-
-  return jax.tree_util.tree_map_with_path(decays, params)
+  """True where weight decay applies, by the parameter's role (`layers.common.param_role`), not its rank:
+  matrices always (conv kernels too, as in mamba_ssm); norm scales only with decay_norms, the embedding only
+  with decay_embeddings; biases and Mamba2's A_log, D and dt_bias never."""
+  decays = {"matrix": True, "norm": tcfg.decay_norms, "embedding": tcfg.decay_embeddings, "vector": False}
+  return jax.tree_util.tree_map_with_path(lambda path, _: bool(decays[param_role(path)]), params)
 
 
 def make_optimizer(tcfg, total_steps: int) -> optax.GradientTransformation:

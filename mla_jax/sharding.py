@@ -246,7 +246,12 @@ class Plan:
   state: Any  # a TrainState whose leaves are NamedShardings
   batch: NamedSharding
   batch_size: int  # global rows per step
-  data_shard: tuple[int, int]  # (index, count) of this process's block of batch rows
+
+  @property
+  def data_shard(self) -> tuple[int, int]:
+    """(index, count) of this process's block of batch rows; asked only when data is laid out, so a plan
+    over an abstract multi-host TPU topology (compiled ahead of time) needs no row split."""
+    return process_rows(self.batch, self.batch_size)
 
   def put(self, local_batch: dict) -> dict:
     """This process's rows of a batch -> global arrays laid out by `self.batch`."""
@@ -286,8 +291,7 @@ def plan(config, model: nn.Module, tx: optax.GradientTransformation, seq_len: in
                      model_state=jax.tree_util.tree_map(lambda _: replicated, abstract_rest),
                      rng=replicated, skipped=replicated)
   batch = batch_sharding(mesh, rules)
-  return Plan(mesh, rules, sizes, state, batch, config.trainer.batch_size,
-              process_rows(batch, config.trainer.batch_size))
+  return Plan(mesh, rules, sizes, state, batch, config.trainer.batch_size)
 
 
 def init_state(model: nn.Module, tx: optax.GradientTransformation, rng: jax.Array, seq_len: int,
@@ -331,24 +335,3 @@ def global_batch(batch: dict, sharding: NamedSharding, global_batch_size: int) -
                                                     (global_batch_size,) + np.shape(v)[1:])
           for k, v in batch.items()}
 
-
-def memory_report(compiled) -> str:
-  """Per-device memory of a compiled program from XLA's `memory_analysis()`."""
-  stats = compiled.memory_analysis()
-  if stats is None:
-    return "Memory per device: not reported by this backend"
-  mib = lambda n: f"{n / 2**20:,.1f} MiB"
-  total = (stats.argument_size_in_bytes + stats.output_size_in_bytes + stats.temp_size_in_bytes
-           - stats.alias_size_in_bytes)
-  return (f"Memory per device: arguments {mib(stats.argument_size_in_bytes)}, outputs "
-          f"{mib(stats.output_size_in_bytes)} ({mib(stats.alias_size_in_bytes)} reusing donated inputs), "
-          f"temporaries {mib(stats.temp_size_in_bytes)}; total {mib(total)}")
-
-
-def memory_bytes(compiled) -> Optional[int]:
-  """arguments + outputs + temporaries - aliased bytes per device (None when not reported)."""
-  stats = compiled.memory_analysis()
-  if stats is None:
-    return None
-  return int(stats.argument_size_in_bytes + stats.output_size_in_bytes + stats.temp_size_in_bytes
-             - stats.alias_size_in_bytes)

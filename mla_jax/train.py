@@ -3,12 +3,14 @@ r"""Training entry point.
   python -m mla_jax.train --config=configs/hybrid.py --workdir=runs/hybrid \
       [--config.trainer.max_steps=200 --config.model.kv_latent_dim=256 ...]
 
-Prints the resolved config, the parameter count and the FLOPs per step, compiles the step once, shows
-progress (loss, tokens/s, ETA), writes metrics.jsonl, evaluates periodically, saves orbax checkpoints
+Prints a one-line config summary (every key goes to <workdir>/config.json), the parameter count and the
+FLOPs per step, compiles the step once, shows progress (loss, tokens/s, ETA; every log_interval steps
+and at least every 30 s), writes metrics.jsonl, evaluates periodically, saves orbax checkpoints
 every `trainer.save_interval` steps and at the end, and finishes with a loss-curve PNG and sample text.
-A workdir that already holds checkpoints resumes from the newest readable one (see checkpoint.py).
-SIGTERM or SIGINT finishes the current step, saves, prints the command that resumes and exits with
-128 + the signal number; a second SIGINT interrupts at once.
+A workdir that already holds checkpoints resumes from the newest readable one (see checkpoint.py); one
+that holds the final checkpoint says the run is complete and exits without compiling.
+SIGTERM or SIGINT says at once that it finishes the current step and saves, then does so, prints the
+command that resumes and exits with 128 + the signal number; a second SIGINT exits at once without saving.
 """
 
 from __future__ import annotations
@@ -30,22 +32,19 @@ from mla_jax import checkpoint as ckpt_lib
 from mla_jax import cli
 from mla_jax import config as config_lib
 from mla_jax import distributed
+from mla_jax import memory
 from mla_jax import sharding as sharding_lib
 from mla_jax import preemption
+from mla_jax import train_program
 from mla_jax.data import BatchIterator, eval_batches, load_corpus, load_tokenizer
-from mla_jax.data.tokenizer import padded_vocab_size
 from mla_jax.errors import ConfigError
 from mla_jax.model import LanguageModel, count_params, flops_per_token
-from mla_jax.optim import make_optimizer, make_schedule
 from mla_jax.sampling import sample_without_cache
-from mla_jax.train_step import TrainState, make_eval_step, make_train_step
+from mla_jax.train_program import resolve_model_config  # noqa: F401 (also imported from here)
+from mla_jax.train_step import TrainState, make_eval_step
 
 
-def resolve_model_config(config: ml_collections.ConfigDict, tokenizer) -> config_lib.ModelConfig:
-  if config.model.vocab_size and config.model.vocab_size < tokenizer.vocab_size:
-    raise ConfigError("model.vocab_size", f"{config.model.vocab_size} is smaller than the tokenizer's "
-                      f"vocabulary ({tokenizer.vocab_size})")
-  return config_lib.ModelConfig.from_config(config, padded_vocab_size(tokenizer.vocab_size))
+PROGRESS_SECONDS = 30.0  # a progress line at least this often, whatever trainer.log_interval is
 
 
 def total_steps(config, iterator: BatchIterator) -> int:
@@ -126,8 +125,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stream=s
   """Runs (or resumes) training in `workdir`; returns the final metrics.
 
   `argv` (the command-line flags) makes the resume hint printed after SIGTERM/SIGINT exact. A stopped
-  run returns {"stopped_by": signal name, "step": last saved step}.
+  run returns {"stopped_by": signal name, "step": last saved step}; a workdir that already holds the
+  final checkpoint returns {"already_complete": True, "step": that step} without compiling anything.
+  A run that fails leaves no empty files or folders behind (nor the workdir, if it created it).
   """
+  created_root = ckpt_lib.missing_root(workdir)
+  new_config = not os.path.exists(os.path.join(workdir, "config.json"))
+  try:
+    return _train_and_evaluate(config, workdir, stream, argv)
+  except BaseException:
+    ckpt_lib.remove_empty_outputs(workdir, created_root, remove_config=new_config)
+    raise
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stream, argv) -> dict:
   config_lib.validate(config)
   t = config.trainer
   if t.keep_best and not t.eval_steps:
@@ -140,6 +151,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stream=s
   say = lambda text: (stream.write(text + "\n"), stream.flush())
 
   tokenizer = load_tokenizer(config.data.tokenizer)
+  config_lib.warn_unused_vocab(config, tokenizer.vocab_size)
   cfg = resolve_model_config(config, tokenizer)
   corpus = load_corpus(config.data, tokenizer, config.model.vocab_size)
   T = config_lib.seq_len(config)
@@ -147,13 +159,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stream=s
                            *sharding_lib.data_shard(config, mesh))
   val_batches = eval_batches(corpus.val, t.batch_size, T, t.eval_steps, corpus.source) if t.eval_steps else []
   steps = total_steps(config, iterator)
+  saved = ckpt_lib.saved_steps(workdir)
+  if saved and saved[-1] >= steps and ckpt_lib.saved_with_model(workdir, saved[-1], config):
+    say(f"Already complete: {os.path.join(ckpt_lib.checkpoint_dir(workdir), str(saved[-1]))} is the final "
+        f"checkpoint of this {steps}-step run; nothing to do (raise trainer.max_steps to train further)")
+    return {"already_complete": True, "step": saved[-1]}
+  if t.warmup_steps >= steps:
+    warn(f"trainer.warmup_steps={t.warmup_steps} is not below the {steps} training steps: the learning rate "
+         f"climbs for the whole run and reaches trainer.learning_rate={t.learning_rate:g} only at the last "
+         "step, with no decay")
 
-  model = LanguageModel(cfg)
-  rng = jax.random.PRNGKey(t.seed)
-  schedule = make_schedule(t, steps)
-  tx = make_optimizer(t, steps)
-  plan = sharding_lib.plan(config, model, tx, T, mesh)
-  state = sharding_lib.init_state(model, tx, rng, T, plan.state)  # each device builds only its own shards
+  # Compiled (and checked against the device's memory) before the state exists, so on CPU the host
+  # memory it is checked against is still free; with model.remat=auto this picks the policy.
+  compile_start = time.time()
+  device = next(d for d in mesh.devices.flat if d.process_index == jax.process_index())
+  capacity, where = memory.device_capacity_bytes(device), memory.capacity_source(device)
+  say(f"Compiling the train step (model.remat={config.model.get('remat', 'auto')}; "
+      f"{memory.fmt_bytes(capacity)} per device: {where})")
+  program, train_step, remat, remat_table = train_program.compile_to_fit(
+      config, None, cfg.vocab_size, steps, capacity, mesh=mesh, where=where)
+  compile_s = time.time() - compile_start
+  model, plan = program.model, program.plan
+  state = program.init_state(jax.random.PRNGKey(t.seed))  # each device builds only its own shards
   params = state.params
   val_batches = [plan.put_full(b) for b in val_batches]
 
@@ -162,7 +189,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stream=s
     warn(space)
   checkpointer = ckpt_lib.Checkpointer(workdir, t.max_checkpoints, keep_best=t.keep_best)
   try:
-    state, start_step = restore_checkpoint(checkpointer, state, iterator, say)
+    resume_lines = []  # printed last before the first step, where they stay in view
+    state, start_step = restore_checkpoint(checkpointer, state, iterator, resume_lines.append)
   except BaseException:
     close_after_error(checkpointer)  # stop orbax's background threads before the error exits the process
     raise
@@ -170,7 +198,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stream=s
   counts = count_params(cfg, params)
   flops = flops_per_token(cfg, params, T)
   tokens_per_step = t.batch_size * T
-  say("Config:\n" + config_lib.format_config(config))
   say(f"Data: {corpus.description}; {len(corpus.train):,} train / {len(corpus.val):,} validation tokens; "
       f"tokenizer {tokenizer.name} (vocab {tokenizer.vocab_size}, model vocab {cfg.vocab_size})")
   say("Parameters: " + ", ".join(f"{k} {v:,}" for k, v in counts.items() if k != "vectors"))
@@ -180,14 +207,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stream=s
       f"{jax.devices()[0].platform} device(s)")
   say(plan.describe())
 
-  train_step = make_train_step(config, model, tx, schedule, plan.state, plan.batch)
-  eval_step = make_eval_step(model, plan.state, plan.batch, plan.rules)
-  compile_start = time.time()
-  first_batch = plan.put(iterator.batch_at(iterator.step))
-  train_step = train_step.lower(state, first_batch).compile()
-  say(f"Compiled the train step in {time.time() - compile_start:.1f}s")
-  say(sharding_lib.memory_report(train_step))
+  eval_step = make_eval_step(model, plan.state, plan.batch, plan.rules, t.loss_chunk_size)
+  say(f"Compiled the train step in {compile_s:.1f}s")
+  say(memory.memory_report(train_step))
+  say(memory.choice_line(remat, remat_table, capacity, config.model.get("remat", "auto") == "auto", where))
 
+  say(f"Config: {config_lib.summary(config, cfg)}; every key in {write_config(config, workdir)}")
+  for line in resume_lines:
+    say(line)
   metrics_path = os.path.join(workdir, "metrics.jsonl")
   history = _read_history(metrics_path, start_step) if distributed.is_main() else []
   progress = Progress(steps, stream)
@@ -203,20 +230,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stream=s
         state, metrics = train_step(state, plan.put(next(iterator)))
         done = step + 1
         guard.push(done, metrics["skipped"])
-        if done % t.log_interval == 0 or done == steps:
+        log = done % t.log_interval == 0 or done == steps
+        if log or time.time() - last_log_time >= PROGRESS_SECONDS:  # progress by time too; records by step
           guard.flush()
           pending = {k: float(v) for k, v in jax.device_get(metrics).items() if np.ndim(v) == 0}
           now = time.time()
           tok_s = (done - last_log_step) * tokens_per_step / max(now - last_log_time, 1e-9)
           eta = (steps - done) * tokens_per_step / max(tok_s, 1e-9)
           last_log_time, last_log_step = now, done
-          record = {"step": done, **pending, "skipped_total": guard.total, "tokens_per_s": tok_s}
-          if "load" in metrics:
-            load = np.asarray(jax.device_get(metrics["load"]))
-            record.update(load_min=float(load.min()), load_max=float(load.max()),
-                          load_cv=float(np.mean(load.std(-1) / np.maximum(load.mean(-1), 1e-9))))
           progress.update(done, pending, tok_s, eta)
-          _write(metrics_file, record, history)
+          if log:
+            record = {"step": done, **pending, "skipped_total": guard.total, "tokens_per_s": tok_s}
+            if "load" in metrics:
+              load = np.asarray(jax.device_get(metrics["load"]))
+              record.update(load_min=float(load.min()), load_max=float(load.max()),
+                            load_cv=float(np.mean(load.std(-1) / np.maximum(load.mean(-1), 1e-9))))
+            _write(metrics_file, record, history)
         scheduled_save = done % t.save_interval == 0 or done == steps
         ev = None
         if val_batches and (done % t.eval_interval == 0 or done == steps or (t.keep_best and scheduled_save)):
@@ -258,6 +287,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stream=s
         f"{config.sample.prompt}{text}")
     final["sample"] = text
   return final
+
+
+def write_config(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """Writes the resolved config to <workdir>/config.json (process 0) and returns the path."""
+  path = os.path.join(workdir, "config.json")
+  if distributed.is_main():
+    with open(path, "w") as f:
+      f.write(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
+  return path
 
 
 def warn(text: str) -> None:

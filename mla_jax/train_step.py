@@ -1,8 +1,10 @@
 """The train-step factory: make_train_step(config, model, tx) -> jitted step(state, batch) -> (state, metrics).
 
 The loss is mean cross-entropy over real tokens (optional logit z-loss) plus the MoE load-balance and
-router z-losses. Gradient accumulation is real: micro-batch gradients are summed inside one step and
-one optimizer update is applied. A non-finite loss or gradient skips the update and is counted.
+router z-losses. With `trainer.loss_chunk_size` > 0 the cross-entropy is computed from the final hidden
+states in sequence chunks, recomputed in backward (mla_jax.ops.cross_entropy), so no [B, T, V] float32
+logits are kept. Gradient accumulation is real: micro-batch gradients are summed inside one step and one
+optimizer update is applied. A non-finite loss or gradient skips the update and is counted.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from mla_jax.model import lm_head_weight
+from mla_jax.ops import cross_entropy as ce_ops
 
 @flax.struct.dataclass
 class TrainState:
@@ -32,21 +36,27 @@ class TrainState:
 
 def cross_entropy(logits_BTV: jax.Array, targets_BT: jax.Array, weights_BT: Optional[jax.Array] = None):
   """(sum of token losses, sum of weights, sum of logsumexp^2) in float32."""
-  logits_BTV = logits_BTV.astype(jnp.float32)
-  lse_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
-  target_logit_BT = jnp.take_along_axis(logits_BTV, targets_BT[..., None], axis=-1)[..., 0]
-  if weights_BT is None:
-    weights_BT = jnp.ones_like(lse_BT)
-  nll = jnp.sum((lse_BT - target_logit_BT) * weights_BT)
-  return nll, jnp.sum(weights_BT), jnp.sum(jnp.square(lse_BT) * weights_BT)
+  return ce_ops.cross_entropy(logits_BTV, targets_BT, weights_BT)
+
+
+def model_cross_entropy(model, params, model_state, batch, chunk_tokens: int):
+  """Runs the model on batch["inputs"]: ((nll sum, weight sum, lse^2 sum), MoE aux). With chunk_tokens > 0
+  the LM head is applied chunk by chunk to the final hidden states (mla_jax.ops.cross_entropy)."""
+  variables = {"params": params, **model_state}
+  if chunk_tokens <= 0:
+    logits, aux, _ = model.apply(variables, batch["inputs"])
+    return cross_entropy(logits, batch["targets"], batch.get("weights")), aux
+  hidden, aux, _ = model.apply(variables, batch["inputs"], return_hidden=True)
+  sums = ce_ops.lm_cross_entropy(hidden, lm_head_weight(model.cfg, params), batch["targets"],
+                                 batch.get("weights"), chunk_tokens)
+  return sums, aux
 
 
 def make_loss_fn(config, model):
   t = config.trainer
 
   def loss_fn(params, model_state, batch):
-    logits, aux, _ = model.apply({"params": params, **model_state}, batch["inputs"])
-    nll, count, z = cross_entropy(logits, batch["targets"], batch.get("weights"))
+    (nll, count, z), aux = model_cross_entropy(model, params, model_state, batch, t.loss_chunk_size)
     ce = nll / jnp.maximum(count, 1.0)
     loss = ce + t.z_loss_alpha * z / jnp.maximum(count, 1.0)
     metrics = {"ce": ce}
@@ -84,6 +94,12 @@ def make_train_step(config, model, tx: optax.GradientTransformation, schedule: o
                     state_sharding=None, batch_sharding=None, donate: bool = True):
   """Returns jit(step)(state, batch) -> (state, metrics) with the state donated.
 
+  A non-finite step keeps params, model state and the AdamW moments (and their bias-correction count)
+  but still advances the learning-rate schedule's count with `state.step`: the skipped step consumed its
+  batch, so the schedule stays a function of the step (the data position) and a resumed run, whose data
+  position is the step, continues both in agreement. `learning_rate` in the metrics is the rate this step
+  applied, read from the schedule's count in the optimizer state.
+
   With shardings (mla_jax.sharding.plan) the step is traced under the batch sharding's mesh and
   `config.logical_axis_rules`, so the model's activation constraints take effect.
   """
@@ -99,7 +115,7 @@ def make_train_step(config, model, tx: optax.GradientTransformation, schedule: o
 
   def _step(state: TrainState, batch):
     loss, metrics, grads = _accumulated_grads(loss_fn, state.params, state.model_state, batch, accum)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
     new_params = optax.apply_updates(state.params, updates)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -108,10 +124,11 @@ def make_train_step(config, model, tx: optax.GradientTransformation, schedule: o
     new_state = state.replace(
         step=state.step + 1,
         params=keep(new_params, state.params),
-        opt_state=keep(new_opt_state, state.opt_state),
+        opt_state=with_schedule_count(keep(new_opt_state, state.opt_state), new_opt_state),
         model_state=keep(new_model_state, state.model_state),
         skipped=jnp.where(finite, 0, state.skipped + 1))
-    metrics = dict(metrics, loss=loss, grad_norm=grad_norm, learning_rate=schedule(state.step),
+    metrics = dict(metrics, loss=loss, grad_norm=grad_norm,
+                   learning_rate=schedule(schedule_count(state.opt_state, state.step)),
                    skipped=(~finite).astype(jnp.int32))
     return new_state, metrics
 
@@ -122,6 +139,22 @@ def make_train_step(config, model, tx: optax.GradientTransformation, schedule: o
     shardings = dict(in_shardings=(state_sharding, batch_sharding),
                      out_shardings=(state_sharding, metrics_sharding))
   return jax.jit(step, donate_argnums=(0,) if donate else (), **shardings)
+
+
+def _is_schedule_count(path, _) -> bool:
+  return bool(path) and getattr(path[-1], "tuple_name", None) == "ScaleByScheduleState"
+
+
+def schedule_count(opt_state, default):
+  """The learning-rate schedule's step count in an optax state (`default` when it has none)."""
+  found = optax.tree_utils.tree_get_all_with_path(opt_state, "count", _is_schedule_count)
+  return found[0][1] if found else default
+
+
+def with_schedule_count(opt_state, source):
+  """`opt_state` with the learning-rate schedule's count taken from `source` (the same structure)."""
+  found = optax.tree_utils.tree_get_all_with_path(source, "count", _is_schedule_count)
+  return optax.tree_utils.tree_set(opt_state, _is_schedule_count, count=found[0][1]) if found else opt_state
 
 
 def update_model_state(config, model_state, metrics):
@@ -137,14 +170,14 @@ def update_model_state(config, model_state, metrics):
   return dict(model_state, moe_bias=new)
 
 
-def make_eval_step(model, state_sharding=None, batch_sharding=None, rules=None):
+def make_eval_step(model, state_sharding=None, batch_sharding=None, rules=None, loss_chunk_size: int = 0):
   """jit(eval)(params, model_state, batch) -> (sum of token losses, token count).
 
-  With shardings the inputs are laid out as in training and, given `rules`, activations constrained."""
+  With shardings the inputs are laid out as in training and, given `rules`, activations constrained.
+  `loss_chunk_size` is trainer.loss_chunk_size (the loss in chunks, equal to the plain one)."""
 
   def eval_step(params, model_state, batch):
-    logits, _, _ = model.apply({"params": params, **model_state}, batch["inputs"])
-    nll, count, _ = cross_entropy(logits, batch["targets"], batch.get("weights"))
+    (nll, count, _), _ = model_cross_entropy(model, params, model_state, batch, loss_chunk_size)
     return nll, count
 
   if state_sharding is None:

@@ -3,8 +3,12 @@
 import os
 import sys
 
-import jax
-import pytest
+# The tests run on the CPU. With the TPU compiler installed (the [test] extra), JAX would otherwise look for
+# TPU chips at start-up; subprocesses inherit the setting. Topology compiles (test_compile.py) need no chips.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

@@ -7,12 +7,14 @@ import numpy as np
 import pytest
 
 from flax import linen as nn
+from jax.sharding import PartitionSpec as P
 
 from mla_jax.layers.attention import GQA
 from mla_jax.layers.common import rms_norm
 from mla_jax.layers.mla import MLA
 from mla_jax.layers.rope import apply_rope
-from mla_jax.ops.attention import attention, attention_reference
+from mla_jax.ops.attention import (CPU_CHUNKED_ABOVE, attention, attention_reference, current_platform,
+                                   resolve_impl)
 
 from conftest import tiny_model_config
 
@@ -37,6 +39,65 @@ def test_fast_attention_equals_reference(impl, K):
     np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
 
 
+def test_flash_equals_reference_values_and_gradients():
+  """Splash attention in Pallas interpret mode: GQA grouping (4 heads over 2), value width below key width
+  (MLA), T padded to the kernel's 128. float32: the kernel's online softmax sums in another order, so
+  agreement is to float32 rounding over ~100 terms, not bit-exact."""
+  q, k, v = _qkv(jax.random.PRNGKey(4), B=1, T=100, H=4, K=2, D=24, E=16)
+  pos = jnp.broadcast_to(jnp.arange(q.shape[1]), q.shape[:2])
+
+  def value_and_vjp(fn):
+    def run(q, k, v):
+      o, vjp = jax.vjp(fn, q, k, v)
+      return o, vjp(jnp.cos(o))
+    return jax.jit(run)(q, k, v)
+
+  flash = value_and_vjp(lambda q, k, v: attention(q, k, v, pos, scale=0.3, impl="flash"))
+  ref = value_and_vjp(lambda q, k, v: attention_reference(q, k, v, pos, 0.3))
+  for a, b in zip(jax.tree.leaves(flash), jax.tree.leaves(ref)):
+    np.testing.assert_allclose(a, b, atol=5e-5, rtol=1e-5)
+
+
+def test_flash_compiles_the_tpu_kernel_per_shard():
+  """For TPU devices (an abstract v5e:2x2 slice, compiled from this host) `auto` is splash attention, the
+  real Mosaic kernel (not the interpreter), run per shard of a batch x heads mesh, fwd + bwd."""
+  pytest.importorskip("libtpu", reason="needs the TPU compiler (libtpu)")
+  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+  from mla_jax import sharding  # pylint: disable=g-import-not-at-top
+  from mla_jax.config import DEFAULT_LOGICAL_AXIS_RULES  # pylint: disable=g-import-not-at-top
+  devices = topologies.get_topology_desc(platform="tpu", topology_name="v5e:2x2", chip_config_name="default",
+                                         chips_per_host_bounds=(2, 2, 1), num_slices=1).devices
+  mesh = jax.make_mesh((1, 2, 2, 1), sharding.MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 4,
+                       devices=devices)
+  spec = jax.sharding.NamedSharding(mesh, P(("data", "fsdp", "expert"), None, "tensor"))
+  B, T, H, D, E = 4, 256, 4, 24, 16
+  args = [jax.ShapeDtypeStruct((B, T, H, w), jnp.bfloat16, sharding=spec) for w in (D, D, E)]
+
+  def grads(q, k, v):
+    with sharding.activation_rules(mesh, DEFAULT_LOGICAL_AXIS_RULES):
+      pos = jnp.broadcast_to(jnp.arange(T), (B, T))
+      o, vjp = jax.vjp(lambda q, k, v: attention(q, k, v, pos, scale=D**-0.5), q, k, v)
+      return vjp(o)
+
+  hlo = jax.jit(grads).lower(*args).compile().as_text()
+  assert hlo.count("tpu_custom_call") >= 3  # forward, dq and dkv kernels
+
+
+def test_auto_picks_per_platform():
+  assert resolve_impl("auto", jnp.bfloat16, 2048, "tpu") == "flash"
+  assert resolve_impl("auto", jnp.bfloat16, 2048, "gpu") == "cudnn"
+  assert resolve_impl("auto", jnp.float32, 2048, "gpu") == "xla"
+  assert resolve_impl("auto", jnp.float32, CPU_CHUNKED_ABOVE, "cpu") == "reference"
+  assert resolve_impl("auto", jnp.float32, CPU_CHUNKED_ABOVE + 1, "cpu") == "chunked"
+  assert resolve_impl("xla", jnp.float32, 16, "tpu") == "xla"
+  # The platform is the mesh's devices' (an abstract TPU mesh when compiling for TPU from a CPU host).
+  tpu = jax.sharding.AbstractDevice(device_kind="TPU v5 lite", num_cores=1, platform="tpu")
+  mesh = jax.sharding.AbstractMesh((2,), ("data",), abstract_device=tpu)
+  with jax.sharding.use_abstract_mesh(mesh):
+    assert current_platform() == "tpu"
+  assert current_platform() == jax.default_backend()
+
+
 def test_reference_matches_per_head_loop():
   """The grouped einsum equals a plain loop over heads with repeated kv heads and a causal mask."""
   q, k, v = _qkv(jax.random.PRNGKey(1), B=1, T=5, H=4, K=2)
@@ -59,6 +120,9 @@ def test_positions_mask_unwritten_slots():
   v2 = v.at[:, 4:].set(-100.0)
   last = ref(q[:, 3:4], k2, v2, jnp.array([[3]]), 1.0)
   np.testing.assert_allclose(last[:, 0], full[:, 3], atol=1e-5)
+  # Keys from a cache (S != T): `flash` falls back to this position mask.
+  flash = jax.jit(lambda q, k, v: attention(q, k, v, jnp.array([[3]]), scale=1.0, impl="flash"))
+  np.testing.assert_allclose(flash(q[:, 3:4], k2, v2), last, atol=1e-6)
 
 
 def test_rope_depends_only_on_relative_position():
@@ -106,16 +170,16 @@ class AttentionLayerTest(chex.TestCase):
       assert params["params"]["w_dkv"]["kernel"].shape == (64, cfg.kv_latent_dim + cfg.d_rope)
 
 
-@pytest.mark.parametrize("kind", ["mla", "mla_noq"])
-def test_mla_equals_deepseek_v2_equations(kind):
+@pytest.mark.parametrize("kind,impl", [("mla", "auto"), ("mla_noq", "auto"), ("mla", "flash")])
+def test_mla_equals_deepseek_v2_equations(kind, impl):
   """MLA against an independent numpy transcription of DeepSeek-V2 eq. 9-19 (v_head_dim != head_dim)."""
-  cfg = tiny_model_config(kind, v_head_dim=12)
+  cfg = tiny_model_config(kind, v_head_dim=12, attention_impl=impl)
   layer = MLA(cfg)
   B, T, D = 1, 7, 64
   x = jax.random.normal(jax.random.PRNGKey(0), (B, T, D))
   pos = jnp.arange(T)[None]
   params = nn.meta.unbox(layer.init(jax.random.PRNGKey(1), x, pos))
-  y, _ = layer.apply(params, x, pos)
+  y, _ = jax.jit(layer.apply)(params, x, pos)
   p = jax.tree_util.tree_map(np.asarray, params["params"])
   H, Dn, Dr, C, Dv = cfg.num_heads, cfg.head_dim, cfg.d_rope, cfg.kv_latent_dim, cfg.v_head_dim
   eps = cfg.rms_norm_eps

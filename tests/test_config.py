@@ -1,13 +1,17 @@
-"""Every validation rule raises an error naming its key; seed YAML files load; overrides work."""
+"""Every validation rule raises an error naming its key; unread keys warn; seed YAML files load; overrides
+work; every config error reaches the command line as one line; --help lists the flags and config files."""
 
+import json
 import os
+import pickle
 import subprocess
 import sys
+import warnings
 
 import pytest
 
-from mla_jax.config import ModelConfig, default_config, validate
-from mla_jax.errors import ConfigError
+from mla_jax.config import ModelConfig, default_config, from_saved, validate, warn_unused_vocab
+from mla_jax.errors import CheckpointError, ConfigError, DataError, TrainingError, UserError, WorkdirError
 from mla_jax.seed_yaml import load_seed_yaml
 
 from conftest import tiny_config
@@ -25,6 +29,7 @@ BAD = [
     ({"model.hidden_size": 60, "model.num_heads": 8}, "model.hidden_size", "not divisible by model.num_heads"),
     ({"model.kv_latent_dim": 0, "model.d_rope": 0, "model.q_latent_dim": 0, "model.kv_heads": 3},
      "model.kv_heads", "not divisible"),
+    ({"model.kv_heads": 3}, "model.kv_heads", "not divisible"),  # unused by MLA, but wrong for any model
     ({"model.d_rope": 7}, "model.d_rope", "must be even"),
     ({"model.d_rope": 0}, "model.d_rope", "must be positive when kv_latent_dim"),
     ({"model.q_latent_dim": 0, "model.mla_q_rope_from_input": True}, "model.mla_q_rope_from_input",
@@ -89,6 +94,65 @@ def test_seed_noop_key_warns():
     validate(cfg)
 
 
+def _warnings_of(cfg) -> list[str]:
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("default")  # Python's own filter: each message once per place
+    validate(cfg)
+    validate(cfg)
+  return [str(w.message) for w in caught]
+
+
+def test_keys_the_model_does_not_read_warn_once_naming_the_key():
+  for kind in ("gqa", "mla", "mla_noq", "moe", "mamba2", "hybrid"):
+    assert _warnings_of(tiny_config(kind)) == [], kind
+  sys.path.insert(0, ROOT)
+  from configs import gqa, hybrid, mamba2, mla, moe  # pylint: disable=g-import-not-at-top
+  for module in (gqa, hybrid, mamba2, mla, moe):  # the config files set nothing their model ignores
+    assert _warnings_of(module.get_config()) == [] and _warnings_of(module.get_config("quick")) == []
+  with warnings.catch_warnings(record=True):
+    mla_kv = tiny_config("mla", kv_heads=2)
+  [kv] = _warnings_of(mla_kv)
+  assert kv.startswith("model.kv_heads=2 is ignored by MLA layers")
+  gqa_cfg = tiny_config("gqa")
+  gqa_cfg.model.v_head_dim, gqa_cfg.model.q_latent_dim, gqa_cfg.model.d_rope = 8, 16, 8
+  ignored = _warnings_of(gqa_cfg)
+  assert [w.split(" is ")[0] for w in ignored] == ["model.v_head_dim=8", "model.q_latent_dim=16", "model.d_rope=8"]
+  assert all("it is an MLA key and model.kv_latent_dim is 0" in w for w in ignored)
+
+
+def test_vocab_far_above_the_tokenizer_warns_with_the_wasted_parameters():
+  cfg = load_seed_yaml(os.path.join(HERE, "data", "seed_mla.yaml"))
+  with pytest.warns(UserWarning) as caught:
+    warn_unused_vocab(cfg, 257)
+  assert str(caught[0].message) == (
+      "model.vocab_size=128,354 is far above the tokenizer's vocabulary (257): 128,097 embedding and output rows "
+      "are never used, 131,171,328 parameters wasted; model.vocab_size=0 follows the tokenizer")
+  cfg.model.tie_embeddings = True
+  with pytest.warns(UserWarning, match="128,097 embedding rows are never used, 65,585,664 parameters"):
+    warn_unused_vocab(cfg, 257)
+  for vocab in (0, 320, 32_768):  # follows the tokenizer, padded for sharding, a tokenizer of 32,000
+    cfg.model.vocab_size = vocab
+    with warnings.catch_warnings():
+      warnings.simplefilter("error")
+      warn_unused_vocab(cfg, 257 if vocab < 1000 else 32_000)
+
+
+def test_every_user_error_can_be_built_from_one_message():
+  for error_type in (UserError, ConfigError, DataError, CheckpointError, WorkdirError, TrainingError):
+    assert str(error_type("what went wrong")) == "what went wrong"
+  error = ConfigError("model.d_rope", "must be even: got 7")
+  assert (error.key, error.rule, str(error)) == ("model.d_rope", "must be even: got 7",
+                                                  "config error: model.d_rope: must be even: got 7")
+  # ml_collections re-raises a config file's error as type(e)(text holding the traceback)
+  text = ("Error whilst parsing config file:\n\nTraceback (most recent call last):\n  File \"x.py\", line 1\n"
+          "mla_jax.errors.ConfigError: config error: config: YAML file a.yaml not found\n")
+  again = ConfigError(text)
+  assert (again.key, again.rule, str(again)) == ("config", "YAML file a.yaml not found",
+                                                 "config error: config: YAML file a.yaml not found")
+  copy = pickle.loads(pickle.dumps(error))
+  assert (copy.key, copy.rule, str(copy)) == (error.key, error.rule, str(error))
+
+
 def test_model_config_defaults_resolve():
   mc = ModelConfig.from_config(tiny_config("mla"), vocab_size=100)
   assert mc.head_dim == 16 and mc.v_head_dim == 16 and mc.kv_heads == 4
@@ -102,7 +166,10 @@ def test_model_config_defaults_resolve():
 @pytest.mark.parametrize("name", ["seed_mla", "seed_moe", "seed_hybrid"])
 def test_seed_yaml_examples_load_and_validate(name):
   cfg = load_seed_yaml(os.path.join(HERE, "data", f"{name}.yaml"))
-  validate(cfg)
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    validate(cfg)
+  assert [str(w.message).split(" is ")[0] for w in caught] == (["model.kv_heads=4"] if name == "seed_mla" else [])
   if name == "seed_mla":
     assert cfg.model.hidden_size == 512 and cfg.model.vocab_size == 128354 and cfg.trainer.max_steps == 5000
     assert cfg.trainer.seq_len == 0  # trains at max_seq_len like the seed
@@ -134,21 +201,108 @@ def test_config_files_build():
   from configs import gqa, mla, yaml as yaml_cfg  # pylint: disable=g-import-not-at-top
   for cfg in (gqa.get_config(), mla.get_config(), mla.get_config("quick"),
               yaml_cfg.get_config(os.path.join(HERE, "data", "seed_mla.yaml"))):
-    validate(cfg)
+    with warnings.catch_warnings(record=True):
+      validate(cfg)
   m = mla.get_config().model
   assert (m.hidden_size, m.num_layers, m.num_heads, m.kv_latent_dim, m.q_latent_dim, m.d_rope,
           m.intermediate_size, m.max_seq_len) == (512, 8, 8, 192, 192, 16, 2048, 2048)
   assert gqa.get_config().model.kv_latent_dim == 0 and gqa.get_config().model.kv_heads == 4
 
 
-def test_cli_override_and_unknown_override_fail_cleanly(tmp_path):
+def _run_command_lines(cases: list[tuple[str, list[str]]]) -> list[dict]:
+  """[{"rc", "stdout", "stderr"}] of `python -m MODULE ARGS` for each case (tests/cli_helper.py)."""
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  cmd = [sys.executable, "-m", "mla_jax.train", "--config=configs/mla.py:quick", f"--workdir={tmp_path}"]
-  out = subprocess.run(cmd + ["--config.model.d_rope=7"], cwd=ROOT, env=env, capture_output=True, text=True,
-                       timeout=120)
-  assert out.returncode == 2
-  assert out.stderr.strip().splitlines()[-1] == (
-      "error: config error: model.d_rope: must be even (RoPE rotates pairs), got 7")
-  out = subprocess.run(cmd + ["--config.model.kv_latnt_dim=3"], cwd=ROOT, env=env, capture_output=True,
-                       text=True, timeout=120)
-  assert out.returncode != 0 and "kv_latnt_dim" in out.stderr and "Traceback" not in out.stderr
+  env.pop("XLA_FLAGS", None)
+  out = subprocess.run([sys.executable, "tests/cli_helper.py"], input=json.dumps(cases), cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  return json.loads(out.stdout)
+
+
+def test_command_lines_report_config_errors_in_one_line_and_help_lists_flags_and_configs(tmp_path):
+  """Config errors through the real entry points (YAML files included), warnings, and --help."""
+  files = {"unknown_key": "model:\n  hidden_sise: 64\n", "broken": "model: [1, 2\n",
+           "bad_type": "model:\n  hidden_size: big\n", "bad_rule": "model:\n  kv_latent_dim: 32\n  d_rope: 7\n"}
+  for name, text in files.items():
+    (tmp_path / f"{name}.yaml").write_text(text)
+  w = tmp_path / "w"
+  yaml = lambda name, *rest: [f"--config=configs/yaml.py:{tmp_path / name}.yaml", f"--workdir={w}", *rest]
+  quick = lambda *rest: ["--config=configs/mla.py:quick", f"--workdir={w}", *rest]
+  errors = [  # (args, the one line on stderr); all fail before anything is compiled
+      (yaml("missing"), f"error: flag --config=configs/yaml.py:{tmp_path}/missing.yaml: config error: config: "
+                        f"YAML file {tmp_path}/missing.yaml not found"),
+      (yaml("unknown_key"), f"error: flag --config=configs/yaml.py:{tmp_path}/unknown_key.yaml: config error: "
+                            "model.hidden_sise: unknown key; did you mean model.hidden_size?"),
+      (yaml("broken"), f"error: flag --config=configs/yaml.py:{tmp_path}/broken.yaml: config error: config: "
+                       f"{tmp_path}/broken.yaml is not valid YAML (while parsing a flow sequence)"),
+      (yaml("bad_type"), f"error: flag --config=configs/yaml.py:{tmp_path}/bad_type.yaml: config error: "
+                         f"model.hidden_size: expected a int, got 'big' in {tmp_path}/bad_type.yaml"),
+      (yaml("bad_rule"), "error: config error: model.d_rope: must be even (RoPE rotates pairs), got 7"),
+      (["--config=configs/yaml.py", f"--workdir={w}"], "error: flag --config=configs/yaml.py: config error: "
+                                                       "config: configs/yaml.py needs a path: "),
+      (quick("--config.model.kv_latnt_dim=3"),
+       "error: config error: model.kv_latnt_dim: unknown key; did you mean model.kv_latent_dim?"),
+      (quick("--config.trainr.max_steps=3"), "error: config error: trainr.max_steps: unknown key; did you mean "
+                                              "trainer?"),
+      (quick("--config.model.d_rope=7"), "error: config error: model.d_rope: must be even (RoPE rotates pairs), "
+                                         "got 7"),
+      (quick("--config.model.kv_heads=3"), "error: config error: model.kv_heads: model.num_heads=8 is not "
+                                           "divisible by kv_heads=3"),  # unused by MLA, wrong for any model
+      (quick("--config.trainer.max_steps=ten"), "error: flag --config.trainer.max_steps=ten: invalid literal"),
+      (["--config=configs/mla.py:bogus", f"--workdir={w}"], "unknown config argument 'bogus'"),
+      (["--config=configs/nope.py", f"--workdir={w}"],
+       "error: flag --config: cannot load config file 'configs/nope.py' (missing or unreadable); config files: "
+       + ", ".join(f"configs/{n}" for n in sorted(os.listdir(os.path.join(ROOT, "configs")))
+                   if n.endswith(".py") and not n.startswith("_"))),
+  ]
+  # The seed's MLA YAML loads (warning about its kv_heads and its vocabulary) and a failed start leaves no
+  # workdir behind.
+  seed = ["--config=configs/yaml.py:tests/data/seed_mla.yaml", f"--workdir={tmp_path / 'new' / 'run'}",
+          "--config.data.corpus=/nonexistent/corpus"]
+  entry_points = ["train", "generate", "evaluate", "convert"]
+  if os.path.exists(os.path.join(ROOT, "mla_jax", "compile.py")):
+    entry_points.append("compile")
+  cases = [("mla_jax.train", args) for args, _ in errors] + [("mla_jax.train", seed)]
+  cases += [(f"mla_jax.{name}", ["--help"]) for name in entry_points]
+  results = _run_command_lines(cases)
+
+  for (args, expected), out in zip(errors, results):
+    lines = out["stderr"].strip().splitlines()
+    assert out["rc"] == 2 and len(lines) == 1, (args, out)
+    assert lines[0].startswith("error: ") and expected in lines[0], (args, lines)
+  out = results[len(errors)]
+  assert out["rc"] == 2 and out["stderr"].strip().splitlines() == [
+      "warning: model.kv_heads=4 is ignored by MLA layers (their keys and values come from the kv_latent_dim "
+      "latent); it only sets the GQA row that generate --report_cache compares against",
+      "warning: model.vocab_size=128,354 is far above the tokenizer's vocabulary (257): 128,097 embedding and "
+      "output rows are never used, 131,171,328 parameters wasted; model.vocab_size=0 follows the tokenizer",
+      "error: /nonexistent/corpus: data path not found"], out
+  assert not (tmp_path / "new").exists()
+
+  helps = dict(zip(entry_points, results[len(errors) + 1:]))
+  for name, out in helps.items():
+    assert out["rc"] == 0 and "Unknown command line flag" not in out["stderr"], (name, out)
+    assert f"python -m mla_jax.{name}" in out["stdout"] and "\nFlags:\n" in out["stdout"], (name, out["stdout"])
+  expected = {"train": ["  --workdir\n      Directory for checkpoints, metrics and plots.",
+                        "  --config.SECTION.KEY=VALUE\n", "  --num_processes\n      Multi-process:",
+                        "  configs/mla.py[:quick]", "The seed's \"Standalone MLA\" example",
+                        "  configs/yaml.py:path/to/model.yaml"],
+              "generate": ["  --prompt\n      Text to continue.", "  --temperature\n      Sampling temperature; "
+                           "0 is greedy. (default: 0.8)", "  configs/hybrid.py[:quick]"],
+              "evaluate": ["  --workdir\n      Training workdir whose newest checkpoint is evaluated."],
+              "convert": ["  --hf\n      Hugging Face model folder", "  --seed_yaml\n"]}
+  for name, texts in expected.items():
+    for text in texts:
+      assert text in helps[name]["stdout"], (name, text, helps[name]["stdout"])
+  assert "--chex_n_cpu_devices" not in helps["train"]["stdout"]  # only the entry point's own flags
+  assert "--experimental_orbax" not in helps["train"]["stdout"]
+
+
+def test_a_config_saved_before_newer_keys_loads_with_their_defaults():
+  config = default_config()
+  config.model.mamba_layers, config.model.mamba2_num_heads = (0, 2), 8
+  saved = json.loads(config.to_json())
+  del saved["model"]["remat"], saved["trainer"]["loss_chunk_size"]
+  restored = from_saved(saved)
+  validate(restored)
+  assert restored.to_json() == config.to_json()

@@ -53,6 +53,15 @@ def test_text_file_and_folder(tmp_path):
   assert len(corpus.train) > 0 and len(corpus.val) > 0
 
 
+def test_max_bytes_counts_utf8_bytes(tmp_path):
+  for i in range(4):  # 100 characters, 200 bytes each
+    (tmp_path / f"{i}.txt").write_text("é" * 100, encoding="utf-8")
+  cfg = _data_cfg(str(tmp_path), val_fraction=0.0)
+  cfg.max_bytes = 450  # room for 4 files counted in characters, for 2 counted in bytes
+  corpus = load_corpus(cfg, ByteTokenizer())
+  assert len(corpus.train) == 2 * (200 + 1)  # two files of 200 byte tokens, each ended by the EOS token
+
+
 def test_hf_tokenizer_json(tmp_path):
   tokenizers = pytest.importorskip("tokenizers")
   from tokenizers import models, pre_tokenizers  # pylint: disable=g-import-not-at-top

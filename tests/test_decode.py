@@ -84,6 +84,69 @@ def test_cached_decode_equals_full_forward(kind, mla_decode, overrides):
       assert c.k.shape == (B, S, cfg.kv_heads, cfg.head_dim) and float(jnp.abs(c.v[:, T:]).max()) == 0.0
 
 
+def test_cache_write_puts_each_row_at_its_positions_and_refuses_overflow():
+  cache_BSKD = jnp.arange(2 * 6 * 2 * 3, dtype=jnp.float32).reshape(2, 6, 2, 3)
+  new_BTKD = -1.0 - jnp.arange(2 * 2 * 2 * 3, dtype=jnp.float32).reshape(2, 2, 2, 3)
+  write = jax.jit(cache_lib.write)
+
+  def expected(pos_BT):
+    out = np.array(cache_BSKD)
+    for b in range(2):
+      for t in range(2):
+        if 0 <= pos_BT[b][t] < 6:
+          out[b, pos_BT[b][t]] = new_BTKD[b, t]
+    return out
+
+  for pos_BT in ([[1, 2], [4, 5]], [[3, 0], [2, 1]]):  # per-row starts; any order within a row
+    np.testing.assert_array_equal(cache_lib.write(cache_BSKD, new_BTKD, jnp.asarray(pos_BT)), expected(pos_BT))
+    np.testing.assert_array_equal(write(cache_BSKD, new_BTKD, jnp.asarray(pos_BT)), expected(pos_BT))
+  for pos_BT in ([[5, 6], [0, 1]], [[0, 1], [-1, 0]]):  # past the end, before the start: an error ...
+    with pytest.raises(cache_lib.CacheOverflowError, match="the cache has 6 slots"):
+      cache_lib.write(cache_BSKD, new_BTKD, jnp.asarray(pos_BT))
+    # ... and under jit the write is dropped, never clamped onto another slot
+    np.testing.assert_array_equal(write(cache_BSKD, new_BTKD, jnp.asarray(pos_BT)), expected(pos_BT))
+  for position in (-1, 6, 60):  # one row, one token (batch-1 decode): the same
+    out = write(cache_BSKD[:1], new_BTKD[:1, :1], jnp.full((1, 1), position))
+    np.testing.assert_array_equal(out, cache_BSKD[:1])
+    with pytest.raises(cache_lib.CacheOverflowError):
+      cache_lib.write(cache_BSKD[:1], new_BTKD[:1, :1], jnp.full((1, 1), position))
+  with pytest.raises(cache_lib.CacheOverflowError, match="7 tokens but the cache has 6 slots"):
+    write(cache_BSKD, jnp.zeros((2, 7, 2, 3)), jnp.zeros((2, 7), jnp.int32))
+
+
+def test_rows_at_different_lengths_decode_like_the_full_forward():
+  """Rows prefilled separately to different lengths, then decoded together (per-row positions, one token
+  and then two tokens in a call): each row's logits equal the full forward pass of that row."""
+  cfg = tiny_model_config("mla")  # absorbed one-token steps, expanded two-token chunks
+  model, lengths = LanguageModel(cfg), (4, 7)
+
+  @jax.jit
+  def run(params, tokens_BT):
+    v = {"params": params}
+    full_BTV = model.apply(v, tokens_BT)[0]
+    rows = []
+    for b, n in enumerate(lengths):
+      caches = cache_lib.init_caches(cfg, 1, S, jnp.float32)
+      pos_1T = jnp.arange(n, dtype=jnp.int32)[None]
+      rows.append(model.apply(v, tokens_BT[b:b + 1, :n], pos_1T, caches))
+    caches = jax.tree_util.tree_map(lambda a, b: jnp.concatenate([a, b]), rows[0][2], rows[1][2])
+    start_B = jnp.asarray(lengths, jnp.int32)
+    outs = []
+    for width in (1, 2):
+      pos_BT = start_B[:, None] + jnp.arange(width, dtype=jnp.int32)
+      logits_BTV, _, caches = model.apply(v, jnp.take_along_axis(tokens_BT, pos_BT, axis=1), pos_BT, caches)
+      outs.append((pos_BT, logits_BTV))
+      start_B = start_B + width
+    return full_BTV, outs
+
+  tokens = _tokens(cfg)
+  full_BTV, outs = run(_params(cfg), tokens)
+  for pos_BT, logits_BTV in outs:
+    for b in range(B):
+      np.testing.assert_allclose(logits_BTV[b], full_BTV[b, pos_BT[b]], atol=1e-4, rtol=0)
+  assert int(outs[-1][0][1, -1]) == T - 1  # the longer row reaches the last compared token
+
+
 def test_absorbed_equals_expanded_on_a_random_cache():
   """One MLA decode step over a cache of random latents (unwritten slots hold garbage too): the
   absorbed form (W_UK into the query, W_UV after the latent sum) equals rebuilding K and V."""

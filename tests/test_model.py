@@ -1,5 +1,7 @@
 """The whole language model: shapes, causality through gradients, parameter and FLOP counts, learning."""
 
+import math
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -65,6 +67,32 @@ def test_param_counts_by_kind():
   matmul_params = counts["total"] - counts["vectors"]  # tied head: embedding used once as a matmul
   assert flops["matmul"] == 6 * matmul_params
   assert flops["attention"] == 2 * 3 * 2 * H * (Dn + Dr + Dn) * 32 / 2
+
+
+def test_every_residual_writing_projection_has_the_residual_init_scale():
+  """std = scale x c / sqrt(fan_in) (c: std of a normal truncated at +-2): scale = 1/sqrt(residual branches)
+  for the projections that write into the residual stream, 1 for the others."""
+  c = math.sqrt(1 - 4 * math.exp(-2) / math.sqrt(2 * math.pi) / math.erf(2 / math.sqrt(2)))
+  # hybrid: Mamba2 without FFN, MLA + SwiGLU, MLA + MoE (routed + shared): 1 + 2 + 2 = 5 residual branches
+  hybrid = tiny_model_config("hybrid", mamba_layers=(0,), first_dense_layers=2, num_experts=4, experts_per_tok=2,
+                             moe_intermediate_size=64, num_shared_experts=1)
+  fan_in = {"w_o": lambda s: np.prod(s[:-1]), "down": lambda s: s[0], "shared_down": lambda s: s[0],
+            "w_down": lambda s: s[1], "out_proj": lambda s: s[0], "up": lambda s: s[0], "w_up": lambda s: s[1],
+            "in_proj": lambda s: s[0]}
+  seen = set()
+  for cfg, branches in ((tiny_model_config("gqa"), 4), (hybrid, 5)):
+    params, _ = init_params(cfg, jax.random.PRNGKey(0))
+    for path, w in jax.tree_util.tree_flatten_with_path(params)[0]:
+      names = [str(getattr(k, "key", k)) for k in path]
+      name = names[-2] if names[-1] == "kernel" else names[-1]
+      if name not in fan_in:
+        continue
+      residual = name not in ("up", "w_up", "in_proj")
+      expected = (branches**-0.5 if residual else 1.0) * c / math.sqrt(fan_in[name](w.shape))
+      assert abs(float(np.std(w)) / expected - 1) < 0.04, ("/".join(names), float(np.std(w)), expected)
+      seen.add(f"{names[-3] if name == 'w_o' else ''}/{name}")
+  assert seen == {"gqa/w_o", "mla/w_o", "/down", "/shared_down", "/w_down", "/out_proj", "/up", "/w_up",
+                  "/in_proj"}
 
 
 def test_forward_function_matches_apply():

@@ -15,6 +15,7 @@ import optax
 import pytest
 
 from mla_jax.config import DEFAULT_LOGICAL_AXIS_RULES, ModelConfig, default_config, validate
+from mla_jax.layers.common import residual_scale
 from mla_jax.layers.moe import MoE, moe_active_params, moe_total_params, update_aux_free_bias
 from mla_jax.ops import moe
 
@@ -356,10 +357,12 @@ def test_layer_init_axes_and_scale():
   params = variables["params"]
   assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params))
   np.testing.assert_array_equal(variables["moe_bias"]["bias"], np.zeros(cfg.num_experts, np.float32))
-  # Truncated normal at +-2 std with std 1/sqrt(fan_in) before truncation: 0.88 / sqrt(fan_in) after.
-  for w, fan_in in ((params["w_gate"], cfg.hidden_size), (params["w_down"], cfg.moe_intermediate_size)):
-    ratio = float(jnp.std(w)) * math.sqrt(fan_in)
-    assert 0.8 < ratio < 0.96 and float(jnp.max(jnp.abs(w))) * math.sqrt(fan_in) <= 2.0 + 1e-6
+  # Truncated normal at +-2 std with std scale/sqrt(fan_in) before truncation: 0.88 scale/sqrt(fan_in) after;
+  # the down-projection writes into the residual stream, so its scale is residual_scale (1 for the others).
+  for w, fan_in, scale in ((params["w_gate"], cfg.hidden_size, 1.0),
+                           (params["w_down"], cfg.moe_intermediate_size, residual_scale(cfg))):
+    ratio = float(jnp.std(w)) * math.sqrt(fan_in) / scale
+    assert 0.8 < ratio < 0.96 and float(jnp.max(jnp.abs(w))) * math.sqrt(fan_in) / scale <= 2.0 + 1e-6
 
 
 def test_layer_dispatch_modes_agree():

@@ -181,6 +181,7 @@ def test_sigterm_saves_the_current_step_and_prints_the_resume_command(reference,
   proc.send_signal(signal.SIGTERM)
   rest, err = proc.communicate(timeout=300)
   assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+  assert "SIGTERM received: finishing the current step and writing a checkpoint, then exiting.\n" in err
   stopped = re.search(r"Stopped by SIGTERM after step (\d+); saved (\S+)\. To resume, run:\n  (.+)\n", rest)
   assert stopped, rest[-2000:]
   step = int(stopped.group(1))
@@ -189,6 +190,36 @@ def test_sigterm_saves_the_current_step_and_prints_the_resume_command(reference,
   command = f"cd {shlex.quote(ROOT)} && {shlex.join([sys.executable, '-m', 'mla_jax.train', *flags])}"
   assert stopped.group(3) == command  # what the SIGKILL test runs to resume
   assert [loss for s, loss in losses(tmp_path)] == [loss for s, loss in losses(ref)][:step]
+
+
+STOP_SIGNALS_SCRIPT = """
+import signal, sys, time
+from mla_jax.preemption import StopSignals
+with StopSignals():
+  signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGINT])  # the main thread is busy outside Python
+  print("ready", flush=True)
+  time.sleep(60)
+print("not reached", flush=True)
+"""
+
+
+def test_ctrl_c_is_acknowledged_at_once_and_a_second_one_exits_without_saving():
+  """While the main thread waits (here: cannot run Python handlers), the first Ctrl-C is answered at once
+  and the second one exits with 130."""
+  start = time.time()
+  proc = subprocess.Popen([sys.executable, "-c", STOP_SIGNALS_SCRIPT], cwd=ROOT, env=ENV, text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+  assert proc.stdout.readline() == "ready\n"
+  proc.send_signal(signal.SIGINT)
+  first = proc.stderr.readline() + proc.stderr.readline()
+  assert first == ("\nCtrl-C (SIGINT) received: finishing the current step and writing a checkpoint, then "
+                   "exiting; press Ctrl-C again to stop at once without saving.\n")
+  assert proc.poll() is None  # still running: the step and the save would go on
+  proc.send_signal(signal.SIGINT)
+  out, err = proc.communicate(timeout=30)
+  assert proc.returncode == 130 and out == ""
+  assert err == "\nSecond Ctrl-C: stopping now without saving (the last complete checkpoint is kept).\n"
+  assert time.time() - start < 30
 
 
 def _truncate_tree(directory) -> None:
@@ -230,6 +261,46 @@ def test_unreadable_latest_checkpoint_is_moved_aside_and_the_previous_one_restor
   with pytest.raises(CheckpointError, match=r"no readable checkpoint in .*checkpoints \(step 2: "):
     checkpointer.restore_latest(target, warn=warnings.append)
   assert os.listdir(ckpt) == ["2"] and len(warnings) == 1  # nothing moved when nothing is readable
+  checkpointer.close()
+
+
+def test_a_restore_failure_that_is_not_corruption_propagates_and_moves_nothing(tmp_path, monkeypatch):
+  config = tiny_config("mla")
+  config.model.vocab_size = 64
+  state = build_state(config)
+  target = ckpt_lib.abstract(state)
+  checkpointer = ckpt_lib.Checkpointer(tmp_path, async_save=False)
+  for step in (2, 4):
+    checkpointer.save(step, state.replace(step=jnp.asarray(step, jnp.int32)), {"step": step}, config)
+  ckpt, before = tmp_path / "checkpoints", _mtimes(tmp_path)
+  restore = checkpointer.manager.restore
+  failures = [MemoryError(), OSError(errno.EIO, "Input/output error"), PermissionError(errno.EACCES, "denied"),
+              ValueError("RESOURCE_EXHAUSTED: Error reading local file: out of memory"),
+              RuntimeError("UNAVAILABLE: connection reset"), KeyboardInterrupt()]
+  for failure in failures:  # the newest checkpoint fails to load for a reason that is not its files
+    def fail(step, *args, failure=failure, **kwargs):
+      if step == 4:
+        raise failure
+      return restore(step, *args, **kwargs)
+    monkeypatch.setattr(checkpointer.manager, "restore", fail)
+    warnings = []
+    with pytest.raises(type(failure)):
+      checkpointer.restore_latest(target, warn=warnings.append)
+    assert not warnings and _mtimes(tmp_path) == before and not (tmp_path / "checkpoints.corrupt").exists()
+  assert checkpointer.all_steps() == [2, 4]
+  wrapped = Exception("Encountered error while reading array index")  # orbax wraps tensorstore errors
+  wrapped.__cause__ = ValueError("OUT_OF_RANGE: Error reading \"params.embedding/0.0\"")
+  assert ckpt_lib.is_unreadable(wrapped) and ckpt_lib.is_unreadable(FileNotFoundError(errno.ENOENT, "gone"))
+  wrapped.__cause__.__context__ = MemoryError()
+  assert not ckpt_lib.is_unreadable(wrapped) and not ckpt_lib.is_unreadable(KeyError("state"))
+
+  monkeypatch.setattr(checkpointer.manager, "restore", restore)
+  sharding = ckpt / "4" / "state" / "_sharding"  # half written: tensorstore's FAILED_PRECONDITION
+  sharding.write_bytes(sharding.read_bytes()[:100])
+  warnings = []
+  step, restored, _ = checkpointer.restore_latest(target, warn=warnings.append)
+  assert step == 2 and int(restored.step) == 2 and len(warnings) == 1 and "FAILED_PRECONDITION" in warnings[0]
+  assert os.listdir(tmp_path / "checkpoints.corrupt") == ["4"]
   checkpointer.close()
 
 
@@ -342,12 +413,9 @@ def _bad_cases(tmp_path, ref) -> list[tuple[str, list[str], str]]:
   if os.path.isdir("/sys"):  # sysfs refuses new files, even to root
     unwritable.append(("unwritable workdir", cli_flags("/sys"), "workdir /sys is not usable"))
   return unwritable + [
-      ("unknown key", cli_flags(w, trainer__max_stepz=5), 'Did you mean "max_steps"'),
-      ("bad value", cli_flags(w, trainer__batch_size=0), "trainer.batch_size: must be positive, got 0"),
-      ("bad type", cli_flags(w, trainer__max_steps="ten"), "--config.trainer.max_steps=ten"),
+      # Config errors (unknown keys, bad values and types, missing config and YAML files) are covered by
+      # tests/test_config.py's command-line test.
       ("keep_best without eval", cli_flags(w, trainer__eval_steps=0), "trainer.keep_best: needs trainer.eval_steps"),
-      ("missing config file", ["--config=configs/nope.py", f"--workdir={w}"],
-       "cannot load config file 'configs/nope.py'"),
       ("missing data", cli_flags(w, data__corpus="/nonexistent/tokens.bin"),
        "/nonexistent/tokens.bin: data path not found"),
       ("empty token file", cli_flags(w, data__corpus=tmp_path / "empty.bin"), "empty.bin: token file is empty"),

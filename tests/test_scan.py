@@ -1,11 +1,15 @@
 """Scanning over a repeating super-block computes the same model; the program does not grow with depth."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import linen as nn
 
-from mla_jax.model import LanguageModel, init_params
+from mla_jax.config import REMAT_POLICIES
+from mla_jax.model import LanguageModel, init_params, remat_policy
 
 from conftest import tiny_model_config
 
@@ -51,3 +55,46 @@ def test_program_size_does_not_grow_with_depth():
 
   assert equations(8, True) == equations(4, True)
   assert equations(8, False) > 1.7 * equations(4, False)
+
+
+def _remat_policies(jaxpr) -> set:
+  """The policies of every jax.checkpoint in a jaxpr, nested ones (inside scan) included."""
+  found = set()
+  for eqn in jaxpr.eqns:
+    if "policy" in eqn.params and "prevent_cse" in eqn.params:
+      found.add(eqn.params["policy"])
+    for value in eqn.params.values():
+      inner = getattr(value, "jaxpr", value)
+      if hasattr(inner, "eqns"):
+        found |= _remat_policies(inner)
+  return found
+
+
+@pytest.mark.parametrize("kind,scan", [("mla", False), ("hybrid", True)])
+def test_remat_policies_match_none(kind, scan):
+  """Every rematerialisation policy gives the loss and gradients of no remat (float32), with the same
+  parameter tree, and really wraps the blocks (or the scanned super-block) in jax.checkpoint."""
+  overrides = {"num_layers": 2, "mamba_layers": (0,)} if kind == "hybrid" else {}
+  base = tiny_model_config(kind, scan_layers=scan, remat="none", **overrides)
+  params, specs = init_params(base, jax.random.PRNGKey(0))
+  tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 9), 0, base.vocab_size)
+
+  def loss_fn(cfg):
+    def loss(p):
+      logits, _, _ = LanguageModel(cfg).apply({"params": p}, tokens[:, :-1])
+      logp = jax.nn.log_softmax(logits)
+      return -jnp.mean(jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1))
+    return loss
+
+  want_loss, want_grads = jax.jit(jax.value_and_grad(loss_fn(base)))(params)
+  for policy in ("none", "auto"):  # auto without a selection (tests, eval, decode) is none
+    assert not _remat_policies(jax.make_jaxpr(loss_fn(dataclasses.replace(base, remat=policy)))(params).jaxpr)
+  for policy in REMAT_POLICIES[1:]:
+    cfg = dataclasses.replace(base, remat=policy)
+    shapes = jax.eval_shape(LanguageModel(cfg).init, jax.random.PRNGKey(0), tokens)
+    assert nn.get_partition_spec(shapes)["params"] == specs
+    assert _remat_policies(jax.make_jaxpr(loss_fn(cfg))(params).jaxpr) == {remat_policy(policy)}
+    loss, grads = jax.jit(jax.value_and_grad(loss_fn(cfg)))(params)
+    np.testing.assert_allclose(loss, want_loss, rtol=1e-5, atol=1e-5)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5),
+                           grads, want_grads)

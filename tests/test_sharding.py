@@ -37,7 +37,8 @@ MOMENT_ATOL = 1e-7
 TRAIN_FLAGS = ["--config=configs/mla.py:quick", "--config.model.hidden_size=64", "--config.model.num_layers=2",
                "--config.model.num_heads=4", "--config.model.intermediate_size=128",
                "--config.model.kv_latent_dim=32", "--config.model.q_latent_dim=32", "--config.model.d_rope=8",
-               "--config.trainer.seq_len=32", "--config.trainer.max_steps=4", "--config.trainer.log_interval=2",
+               "--config.trainer.batch_size=8", "--config.trainer.seq_len=32",
+               "--config.trainer.max_steps=4", "--config.trainer.log_interval=2",
                "--config.trainer.eval_interval=4", "--config.trainer.eval_steps=1",
                "--config.trainer.warmup_steps=1", "--config.data.max_bytes=300000",
                "--config.sample.max_new_tokens=4"]
@@ -290,6 +291,14 @@ def test_tpu_pod_dry_run_prints_every_command():
   assert ("+ gcloud compute tpus tpu-vm create mla-pod --zone=us-central2-b --accelerator-type=v4-32 "
           "--version=tpu-ubuntu2204-base") in lines
   assert any(l.startswith("+ gcloud compute tpus tpu-vm scp ") and "--worker=all" in l for l in lines)
+  tar = next(l.split() for l in lines if l.startswith("+ tar "))
+  if "-T" in tar:  # a git checkout: the tarball holds the listed files, no ignored one (.venv, caches)
+    with open(tar[tar.index("-T") + 1]) as f:
+      copied = f.read().split("\0")
+    assert "mla_jax/train.py" in copied and "configs/mla.py" in copied
+    assert not [p for p in copied if p.startswith((".venv/", ".git/", ".pytest_cache/")) or "__pycache__" in p]
+  else:
+    assert "--exclude=.venv" in tar
   ssh = [l for l in lines if l.startswith("+ gcloud compute tpus tpu-vm ssh mla-pod --zone=us-central2-b "
                                           "--worker=all")]
   assert len(ssh) == 2 and "pip install" in ssh[0] and "gcsfuse --implicit-dirs my-bucket /gcs/my-bucket" in ssh[0]

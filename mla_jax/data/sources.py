@@ -67,7 +67,7 @@ def _split_files(files: list[tuple[str, pathlib.Path]], tokenizer, val_fraction:
     text = _read_text(path)
     if not text:
       continue
-    total += len(text)
+    total += len(text.encode("utf-8"))
     if total > max_bytes:
       break
     (val_docs if _is_val(rel, val_fraction) else train_docs).append(text)

@@ -15,8 +15,7 @@ from flax import linen as nn
 
 from mla_jax import cache as cache_lib
 from mla_jax.config import ModelConfig
-from mla_jax.layers.common import Dense, compute_dtype
-from mla_jax.layers.mlp import residual_scale
+from mla_jax.layers.common import Dense, compute_dtype, residual_scale
 from mla_jax.layers.rope import apply_rope
 from mla_jax.ops.attention import attention
 

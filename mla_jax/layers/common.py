@@ -41,6 +41,17 @@ class Dense(nn.Module):
     return jax.lax.dot_general(x.astype(self.dtype), w.astype(self.dtype), ((contract_x, contract_w), ((), ())))
 
 
+def residual_scale(cfg) -> float:
+  """Init scale of every projection that writes into the residual stream (attention w_o, SwiGLU down, the
+  MoE routed and shared down-projections, Mamba2 out_proj): 1/sqrt(residual branches in the model).
+
+  GPT-2's 1/sqrt(N) over the N residual additions: 2 x num_layers when every layer has an FFN, one per
+  layer for Mamba2 layers without one (mamba_ssm's n_residuals_per_layer x n_layer).
+  """
+  branches = sum(1 + (cfg.ffn_kind(i) is not None) for i in range(cfg.num_layers))
+  return branches**-0.5
+
+
 class RMSNorm(nn.Module):
   """RMSNorm (Zhang & Sennrich 2019) computed in float32, weight initialised to one."""
 
@@ -59,3 +70,24 @@ def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
   x32 = x.astype(jnp.float32)
   x32 = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)
   return x32 * scale.astype(jnp.float32)
+
+
+# A parameter's role follows from its name (nn.scan's leading 'layers' axis changes its rank, not its role).
+_ROLES = {"kernel": "matrix", "conv_kernel": "matrix", "w_gate": "matrix", "w_up": "matrix", "w_down": "matrix",
+          "scale": "norm", "norm_scale": "norm",
+          "conv_bias": "vector", "dt_bias": "vector", "A_log": "vector", "D": "vector"}
+
+
+def param_role(path) -> str:
+  """Role of the parameter at `path` (a pytree key path or a sequence of names).
+
+  'embedding' (the token table), 'matrix' (projection, expert and depthwise-conv kernels: weights that
+  multiply activations), 'norm' (RMSNorm scales, Mamba2's gated-norm scale) or 'vector' (biases and
+  Mamba2's A_log, D and dt_bias). Weight decay and the matmul FLOP count use it.
+  """
+  names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
+  if "embedding" in names:
+    return "embedding"
+  if names and names[-1] in _ROLES:
+    return _ROLES[names[-1]]
+  raise ValueError(f"parameter {'/'.join(names)} has no known role: add its name to layers.common._ROLES")

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from mla_jax.config import ModelConfig
-from mla_jax.layers.common import Dense, compute_dtype
+from mla_jax.layers.common import Dense, compute_dtype, residual_scale
 from mla_jax.ops.ssd import ssd_chunked, ssd_sequential, ssd_step
 
 Cache = dict[str, jax.Array]
@@ -166,6 +166,7 @@ class Mamba2Mixer(nn.Module):
 
     y_BTHP = y_BTHP.astype(jnp.float32) + D_H[:, None] * x_BTHP.astype(jnp.float32)
     y_BTI = gated_rms_norm(y_BTHP.reshape(b, t, inner), z_BTI, norm_w_I, g, cfg.rms_norm_eps)
-    out_proj = Dense(cfg.hidden_size, axes=("ssm_inner", "embed"), dtype=dtype, name="out_proj")
+    out_proj = Dense(cfg.hidden_size, axes=("ssm_inner", "embed"), dtype=dtype, scale=residual_scale(cfg),
+                     name="out_proj")
     out_BTD = out_proj(y_BTI.astype(dtype))
     return out_BTD, new_cache

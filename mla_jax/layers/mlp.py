@@ -6,7 +6,7 @@ import jax
 from flax import linen as nn
 
 from mla_jax.config import ModelConfig
-from mla_jax.layers.common import Dense, compute_dtype
+from mla_jax.layers.common import Dense, compute_dtype, residual_scale
 
 
 class SwiGLU(nn.Module):
@@ -22,8 +22,3 @@ class SwiGLU(nn.Module):
     up_BTF = Dense(F, ("embed", "mlp"), dtype=dtype, name="up")(x_BTD)
     h_BTF = nn.with_logical_constraint(nn.silu(gate_BTF) * up_BTF, ("batch", "activation_length", "activation_mlp"))
     return Dense(cfg.hidden_size, ("mlp", "embed"), dtype=dtype, scale=residual_scale(cfg), name="down")(h_BTF)
-
-
-def residual_scale(cfg: ModelConfig) -> float:
-  """Init scale of projections that write into the residual stream: 1/sqrt(2 * layers) (GPT-2)."""
-  return (2 * cfg.num_layers) ** -0.5

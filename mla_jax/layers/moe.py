@@ -12,15 +12,15 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from mla_jax.config import ModelConfig
-from mla_jax.layers.common import Dense, compute_dtype
+from mla_jax.layers.common import Dense, compute_dtype, residual_scale
 from mla_jax.ops import moe as moe_ops
 
 # Non-parameter collection holding the DeepSeek-V3 aux-loss-free selection bias.
 BIAS_COLLECTION = "moe_bias"
 
 
-def _expert_init(fan_in: int) -> nn.initializers.Initializer:
-  return nn.initializers.truncated_normal(stddev=1.0 / fan_in**0.5)
+def _expert_init(fan_in: int, scale: float = 1.0) -> nn.initializers.Initializer:
+  return nn.initializers.truncated_normal(stddev=scale / fan_in**0.5)
 
 
 class MoE(nn.Module):
@@ -62,7 +62,7 @@ class MoE(nn.Module):
     w_up_EDF = self.param("w_up", nn.with_logical_partitioning(
         _expert_init(D), ("expert", "embed", "expert_mlp")), (E, D, F), jnp.float32)
     w_down_EFD = self.param("w_down", nn.with_logical_partitioning(
-        _expert_init(F), ("expert", "expert_mlp", "embed")), (E, F, D), jnp.float32)
+        _expert_init(F, residual_scale(cfg)), ("expert", "expert_mlp", "embed")), (E, F, D), jnp.float32)
     experts = (w_gate_EDF, w_up_EDF, w_down_EFD)
 
     dropped_fraction = jnp.zeros((), jnp.float32)
@@ -80,7 +80,8 @@ class MoE(nn.Module):
       width = cfg.num_shared_experts * F
       gate_NH = Dense(width, ("embed", "mlp"), dtype=dtype, name="shared_gate")(x_ND)
       up_NH = Dense(width, ("embed", "mlp"), dtype=dtype, name="shared_up")(x_ND)
-      y_ND = y_ND + Dense(D, ("mlp", "embed"), dtype=dtype, name="shared_down")(jax.nn.silu(gate_NH) * up_NH)
+      shared_down = Dense(D, ("mlp", "embed"), dtype=dtype, scale=residual_scale(cfg), name="shared_down")
+      y_ND = y_ND + shared_down(jax.nn.silu(gate_NH) * up_NH)
 
     aux = {
         "load_balance": moe_ops.load_balance_loss(probs_NE, experts_NK, E),
