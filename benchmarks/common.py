@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import time
@@ -9,15 +10,22 @@ from pathlib import Path
 
 import jax
 
+from mla_jax.config import ModelConfig
+from mla_jax.model import LanguageModel
+from mla_jax.optim import make_optimizer, make_schedule
+from mla_jax.train_state import TrainState, initial_model_state
+from mla_jax.train_step import make_train_step
+from mla_jax.trainer import train_and_evaluate
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def machine_lines() -> list[str]:
   device = jax.devices()[0]
   return [
-      f"- date: {time.strftime('%Y-%m-%d')}",
-      f"- processor: {platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-      f"- jax {jax.__version__}, device: {device.platform} ({device.device_kind}), {jax.device_count()} device(s)",
+    f"- date: {time.strftime('%Y-%m-%d')}",
+    f"- processor: {platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+    f"- jax {jax.__version__}, device: {device.platform} ({device.device_kind}), {jax.device_count()} device(s)",
   ]
 
 
@@ -52,17 +60,13 @@ def train_step_seconds(config, params, tokens, steps: int, warmup: int = 1, voca
   """Median seconds of the real jitted train step (`make_train_step`, donated state) on `tokens`
   [batch, seq_len + 1] for the model of `config` (vocabulary `vocab_size` when the config's is 0), after
   `warmup` untimed steps (the first compiles)."""
-  from mla_jax.config import ModelConfig  # pylint: disable=g-import-not-at-top
-  from mla_jax.model import LanguageModel  # pylint: disable=g-import-not-at-top
-  from mla_jax.optim import make_optimizer, make_schedule  # pylint: disable=g-import-not-at-top
-  from mla_jax.train import initial_model_state  # pylint: disable=g-import-not-at-top
-  from mla_jax.train_step import TrainState, make_train_step  # pylint: disable=g-import-not-at-top
-  B, T = tokens.shape[0], tokens.shape[1] - 1
+  T = tokens.shape[1] - 1
   cfg = ModelConfig.from_config(config, vocab_size or None)
   model = LanguageModel(cfg)
   tx = make_optimizer(config.trainer, 1000)
-  state = TrainState.create(jax.tree_util.tree_map(jax.numpy.asarray, params), tx, jax.random.PRNGKey(1),
-                            initial_model_state(model, cfg, T))
+  state = TrainState.create(
+    jax.tree_util.tree_map(jax.numpy.asarray, params), tx, jax.random.PRNGKey(1), initial_model_state(cfg, T)
+  )
   train_step = make_train_step(config, model, tx, make_schedule(config.trainer, 1000))
   batch = {"inputs": tokens[:, :-1].astype("int32"), "targets": tokens[:, 1:].astype("int32")}
   holder = {"state": state}
@@ -74,3 +78,16 @@ def train_step_seconds(config, params, tokens, steps: int, warmup: int = 1, voca
   for _ in range(warmup):
     step()
   return median_time(step, steps)
+
+
+def train_quietly(config, workdir: str) -> tuple[dict, float, float]:
+  """Runs the real training loop without its log: (final metrics, wall seconds, mean tokens/s of the logged
+  intervals after the first, which includes compilation)."""
+  start = time.time()
+  with open(os.devnull, "w") as quiet:
+    final = train_and_evaluate(config, workdir, stream=quiet)
+  seconds = time.time() - start
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    logs = [json.loads(line) for line in f]
+  tok_s = [r["tokens_per_s"] for r in logs if "tokens_per_s" in r][1:]
+  return final, seconds, sum(tok_s) / len(tok_s) if tok_s else float("nan")

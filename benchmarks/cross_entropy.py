@@ -1,7 +1,7 @@
 r"""Chunked against plain cross-entropy in the real train step: step time and compiled temporaries.
 
-  python benchmarks/cross_entropy.py                 # -> benchmarks/results/cross_entropy.md
-  python benchmarks/cross_entropy.py --chunks 0,1024 --steps 2 --no_memory
+  python -m benchmarks.cross_entropy                 # -> benchmarks/results/cross_entropy.md
+  python -m benchmarks.cross_entropy --chunks 0,1024 --steps 2 --no_memory
 
 Times the real train step (`make_train_step`) on configs/mla.py's model (float32) at the `:quick` batch
 (8 x 256, byte vocabulary 320) and at a large vocabulary (4 x 256, vocab 32768) for each
@@ -12,21 +12,17 @@ shape (batch 2 x 2048) at vocabularies 32768 and 128354, compiled from abstract 
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import jax
+import numpy as np
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-
-from benchmarks.common import median_time, write_results  # noqa: E402
-from configs import mla  # noqa: E402
-from mla_jax.config import ModelConfig, validate  # noqa: E402
-from mla_jax.model import LanguageModel, init_params  # noqa: E402
-from mla_jax.optim import make_optimizer, make_schedule  # noqa: E402
-from mla_jax.train_step import TrainState, make_train_step  # noqa: E402
+from benchmarks.common import median_time, write_results
+from configs import mla
+from mla_jax.config import ModelConfig, validate
+from mla_jax.model import LanguageModel, init_params
+from mla_jax.optim import make_optimizer, make_schedule
+from mla_jax.train_state import TrainState
+from mla_jax.train_step import make_train_step
 
 GiB = 1024**3
 
@@ -85,7 +81,9 @@ def temp_bytes(batch: int, seq_len: int, vocab: int, chunk: int) -> int:
 
 
 def main(argv=None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = argparse.ArgumentParser(
+    prog="python -m benchmarks.cross_entropy", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   parser.add_argument("--chunks", default="0,256,512,1024")
   parser.add_argument("--steps", type=int, default=4, help="timing rounds (the best is reported)")
   parser.add_argument("--no_memory", action="store_true")
@@ -93,21 +91,27 @@ def main(argv=None) -> None:
   args = parser.parse_args(argv)
   chunks = [int(c) for c in args.chunks.split(",")]
 
-  rows = [f"configs/mla.py model, float32, best of {args.steps} train steps after compilation (chunk sizes "
-          "interleaved); "
-          "chunk = trainer.loss_chunk_size in tokens (0: plain loss)", "",
-          "| batch x seq | vocab | " + " | ".join(f"chunk {c} (s)" for c in chunks) + " |",
-          "|---|---:|" + "---:|" * len(chunks)]
+  rows = [
+    f"configs/mla.py model, float32, best of {args.steps} train steps after compilation (chunk sizes "
+    "interleaved); "
+    "chunk = trainer.loss_chunk_size in tokens (0: plain loss)",
+    "",
+    "| batch x seq | vocab | " + " | ".join(f"chunk {c} (s)" for c in chunks) + " |",
+    "|---|---:|" + "---:|" * len(chunks),
+  ]
   for batch, seq_len, vocab in ((8, 256, 320), (4, 256, 32768)):
     times = step_seconds(batch, seq_len, vocab, chunks, args.steps)
     rows.append(f"| {batch} x {seq_len} | {vocab} | " + " | ".join(f"{s:.3f}" for s in times) + " |")
     print(rows[-1], flush=True)
   if not args.no_memory:
     mem_chunks = chunks
-    rows += ["", "Compiled train-step temporaries (`memory_analysis`), seed shape batch 2 x 2048, no remat",
-             "",
-             "| vocab | " + " | ".join(f"chunk {c} (GiB)" for c in mem_chunks) + " |",
-             "|---:|" + "---:|" * len(mem_chunks)]
+    rows += [
+      "",
+      "Compiled train-step temporaries (`memory_analysis`), seed shape batch 2 x 2048, no remat",
+      "",
+      "| vocab | " + " | ".join(f"chunk {c} (GiB)" for c in mem_chunks) + " |",
+      "|---:|" + "---:|" * len(mem_chunks),
+    ]
     for vocab in (32768, 128354):
       temps = [temp_bytes(2, 2048, vocab, c) / GiB for c in mem_chunks]
       rows.append(f"| {vocab} | " + " | ".join(f"{t:.2f}" for t in temps) + " |")

@@ -1,8 +1,8 @@
 """MoE layer forward+backward throughput: dropless (blocked, raw ragged_dot) vs dense vs capacity, by experts.
 
-  python benchmarks/moe.py                              # the full table -> benchmarks/results/moe.md
-  python benchmarks/moe.py --experts 8 --runs 3 --out /tmp/moe.md
-  python benchmarks/moe.py --train-steps 0              # skip the training rows
+  python -m benchmarks.moe                              # the full table -> benchmarks/results/moe.md
+  python -m benchmarks.moe --experts 8 --runs 3 --out /tmp/moe.md
+  python -m benchmarks.moe --train-steps 0              # skip the training rows
 
 Each cell is the median wall time of `--runs` calls of a jitted value_and_grad (w.r.t. the parameters and
 the input) after one warm-up call. Routed experts only (shared_expert_enabled=False): the shared expert
@@ -33,17 +33,17 @@ from pathlib import Path
 from typing import Any
 from unittest import mock
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks.common import machine_lines, write_lines
+from mla_jax.config import ModelConfig, default_config, validate
+from mla_jax.layers.moe import MoE, moe_active_params
+from mla_jax.ops import moe as moe_ops
+from mla_jax.trainer import train_and_evaluate
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-from benchmarks.common import machine_lines, write_lines  # noqa: E402
-from mla_jax.config import ModelConfig, default_config, validate  # noqa: E402
-from mla_jax.layers.moe import MoE, moe_active_params  # noqa: E402
-from mla_jax.ops import moe as moe_ops  # noqa: E402
 
 EXPERTS = (4, 8, 16)
 DISPATCHES = ("ragged", "ragged_dot", "dense", "capacity")
@@ -112,15 +112,12 @@ def _measure(cfg: ModelConfig, tokens: int, runs: int) -> dict[str, Any]:
     start = time.perf_counter()
     jax.block_until_ready(compiled(params, x_BTD))
     times.append(time.perf_counter() - start)
-  return {"seconds": float(np.median(times)), "xla_flops": float(cost.get("flops", float("nan"))),
-          "load": load_E}
-
-
+  return {"seconds": float(np.median(times)), "xla_flops": float(cost.get("flops", float("nan"))), "load": load_E}
 
 
 # ---- training rows ---------------------------------------------------------------------------------
-# End-to-end training throughput of the two example configs through mla_jax.train (owned elsewhere).
-# While mla_jax.train or a config file is missing, the row reads 'n/a'.
+# End-to-end training throughput of the two example configs through mla_jax.trainer.
+# While a config file is missing, the row reads 'n/a'.
 TRAIN_CONFIGS = ("moe", "mla")
 
 
@@ -137,7 +134,6 @@ def _load_config(name: str):
 
 def _train_tokens_per_s(name: str, steps: int) -> str:
   """Median tokens/s over the logged intervals after the first (which includes the warm-up)."""
-  from mla_jax.train import train_and_evaluate  # pylint: disable=import-outside-toplevel
   config = _load_config(name)
   t = config.trainer
   t.max_steps, t.num_epochs, t.log_interval = steps, 0, max(1, steps // 5)
@@ -153,22 +149,23 @@ def _train_tokens_per_s(name: str, steps: int) -> str:
 
 def train_rows(steps: int = 20) -> list[str]:
   """Markdown rows of training tokens/s for configs/moe.py and configs/mla.py, 'n/a' where missing."""
-  have_train = importlib.util.find_spec("mla_jax.train") is not None
   rows = []
   for name in TRAIN_CONFIGS:
     if steps <= 0:
       value = "n/a (skipped)"
-    elif not have_train or not (ROOT / "configs" / f"{name}.py").exists():
+    elif not (ROOT / "configs" / f"{name}.py").exists():
       value = "n/a"
-      print(f"mla_jax.train or configs/{name}.py is missing: n/a", file=sys.stderr)
+      print(f"configs/{name}.py is missing: n/a", file=sys.stderr)
     else:
       try:
         value = _train_tokens_per_s(name, steps)
-      except Exception as e:  # pylint: disable=broad-except
+      except Exception as e:
         value = f"n/a ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
     rows.append(f"| configs/{name}.py | {value} |")
     print(rows[-1], flush=True)
   return rows
+
+
 # -----------------------------------------------------------------------------------------------------
 
 
@@ -181,7 +178,7 @@ def dropless_name(tokens: int, experts: list[int]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = argparse.ArgumentParser(prog="python -m benchmarks.moe", description=__doc__.splitlines()[0])
   parser.add_argument("--experts", default=",".join(map(str, EXPERTS)))
   parser.add_argument("--dispatch", default=",".join(DISPATCHES))
   parser.add_argument("--tokens", type=int, default=TOKENS)
@@ -192,18 +189,23 @@ def main(argv: list[str] | None = None) -> None:
   experts = [int(s) for s in args.experts.split(",")]
   dispatches = args.dispatch.split(",")
 
-  lines = ["# MoE layer: forward + backward tokens/s", ""] + machine_lines() + [
+  lines = (
+    ["# MoE layer: forward + backward tokens/s", ""]
+    + machine_lines()
+    + [
       "",
       f"MoE layer, hidden {HIDDEN}, moe_intermediate {MOE_INTERMEDIATE}, top-{TOP_K}, {args.tokens} tokens, "
       f"float32, capacity_factor {default_config().model.capacity_factor}, no shared expert; "
       f"jit(value_and_grad) w.r.t. parameters and input, median of {args.runs} runs after a warm-up.",
       "",
-      f"'ragged' is the dropless dispatch as it runs here ({dropless_name(args.tokens, experts)}); 'ragged_dot' is the raw "
-      "lax.ragged_dot implementation. work vs ideal: expert token rows processed / (tokens x k).",
+      f"'ragged' is the dropless dispatch as it runs here ({dropless_name(args.tokens, experts)}); "
+      "'ragged_dot' is the raw lax.ragged_dot implementation. work vs ideal: expert token rows processed / "
+      "(tokens x k).",
       "",
       "| experts | dispatch | ms / step | tokens/s | work vs ideal | XLA GFLOP / step | XLA / model FLOPs |",
       "|---:|---|---:|---:|---:|---:|---:|",
-  ]
+    ]
+  )
   print("\n".join(lines), flush=True)
   for num_experts in experts:
     for dispatch in dispatches:
@@ -215,8 +217,10 @@ def main(argv: list[str] | None = None) -> None:
         xla = "n/a | n/a"  # while loops: XLA's cost analysis counts the loop body once
       else:
         xla = f"{result['xla_flops'] / 1e9:.1f} | {result['xla_flops'] / model_flops:.2f}"
-      row = (f"| {num_experts} | {dispatch} | {result['seconds'] * 1e3:.1f} | "
-             f"{args.tokens / result['seconds']:,.0f} | {work:.2f} | {xla} |")
+      row = (
+        f"| {num_experts} | {dispatch} | {result['seconds'] * 1e3:.1f} | "
+        f"{args.tokens / result['seconds']:,.0f} | {work:.2f} | {xla} |"
+      )
       lines.append(row)
       print(row, flush=True)
 

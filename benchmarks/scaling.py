@@ -1,7 +1,7 @@
 r"""Step time and per-device memory of each mesh preset on 1, 2, 4 and 8 simulated CPU devices.
 
-  python benchmarks/scaling.py                  # -> benchmarks/results/scaling.md
-  python benchmarks/scaling.py --devices 1,8 --steps 3 --no_write
+  python -m benchmarks.scaling                  # -> benchmarks/results/scaling.md
+  python -m benchmarks.scaling --devices 1,8 --steps 3 --no_write
 
 The simulated devices (`--xla_force_host_platform_device_count`) all share this machine's cores, so more
 devices cannot run faster: on CPU the step-time column measures the overhead of splitting the work
@@ -25,7 +25,6 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 BYTE_VOCAB = 320
 
@@ -41,8 +40,9 @@ def presets(n: int) -> dict[str, dict[str, int]]:
 
 
 def make_config(mesh: dict, batch: int, seq_len: int):
-  import configs.moe  # pylint: disable=g-import-not-at-top
-  from mla_jax.config import validate  # pylint: disable=g-import-not-at-top
+  import configs.moe
+  from mla_jax.config import validate
+
   config = configs.moe.get_config()
   m = config.model
   m.hidden_size, m.num_layers, m.num_heads, m.intermediate_size = 256, 4, 8, 1024
@@ -58,17 +58,17 @@ def make_config(mesh: dict, batch: int, seq_len: int):
 
 def worker(args) -> None:
   """Runs every preset on this process's devices and prints one JSON line per preset."""
-  import time  # pylint: disable=g-import-not-at-top
+  import time
 
-  import jax  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
+  import jax
+  import numpy as np
 
-  from benchmarks.common import median_time  # pylint: disable=g-import-not-at-top
-  from mla_jax import memory, sharding  # pylint: disable=g-import-not-at-top
-  from mla_jax.config import ModelConfig  # pylint: disable=g-import-not-at-top
-  from mla_jax.model import LanguageModel  # pylint: disable=g-import-not-at-top
-  from mla_jax.optim import make_optimizer, make_schedule  # pylint: disable=g-import-not-at-top
-  from mla_jax.train_step import make_train_step  # pylint: disable=g-import-not-at-top
+  from benchmarks.common import median_time
+  from mla_jax import memory, train_state
+  from mla_jax.config import ModelConfig
+  from mla_jax.model import LanguageModel
+  from mla_jax.optim import make_optimizer, make_schedule
+  from mla_jax.train_step import make_train_step
 
   n = jax.device_count()
   tokens = np.random.default_rng(0).integers(0, 256, (args.batch, args.seq_len + 1)).astype(np.int32)
@@ -76,8 +76,8 @@ def worker(args) -> None:
     config = make_config(mesh, args.batch, args.seq_len)
     model = LanguageModel(ModelConfig.from_config(config))
     tx, schedule = make_optimizer(config.trainer, 1000), make_schedule(config.trainer, 1000)
-    plan = sharding.plan(config, model, tx, args.seq_len)
-    state = sharding.init_state(model, tx, jax.random.PRNGKey(0), args.seq_len, plan.state)
+    plan = train_state.plan(config, model, tx, args.seq_len)
+    state = train_state.init_state(model, tx, jax.random.PRNGKey(0), args.seq_len, plan.state)
     per_device = {}
     for leaf in jax.tree_util.tree_leaves(state):
       for shard in leaf.addressable_shards:
@@ -94,14 +94,27 @@ def worker(args) -> None:
 
     run()
     seconds = median_time(run, args.steps)
-    print(json.dumps({"preset": name, "devices": n, "mesh": dict(plan.sizes), "compile_s": compile_s,
-                      "step_s": seconds, "tok_s": args.batch * args.seq_len / seconds,
-                      "state_bytes": max(per_device.values()), "xla_bytes": memory.compiled_bytes(step)}),
-          flush=True)
+    print(
+      json.dumps(
+        {
+          "preset": name,
+          "devices": n,
+          "mesh": dict(plan.sizes),
+          "compile_s": compile_s,
+          "step_s": seconds,
+          "tok_s": args.batch * args.seq_len / seconds,
+          "state_bytes": max(per_device.values()),
+          "xla_bytes": memory.compiled_bytes(step),
+        }
+      ),
+      flush=True,
+    )
 
 
 def main(argv=None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = argparse.ArgumentParser(
+    prog="python -m benchmarks.scaling", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   parser.add_argument("--devices", default="1,2,4,8")
   parser.add_argument("--batch", type=int, default=8)
   parser.add_argument("--seq_len", type=int, default=256)
@@ -116,9 +129,22 @@ def main(argv=None) -> None:
   rows = []
   for n in (int(d) for d in args.devices.split(",")):
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={n}")
-    out = subprocess.run([sys.executable, __file__, "--worker", f"--batch={args.batch}",
-                          f"--seq_len={args.seq_len}", f"--steps={args.steps}"],
-                         env=env, cwd=ROOT, capture_output=True, text=True, check=False)
+    out = subprocess.run(
+      [
+        sys.executable,
+        "-m",
+        "benchmarks.scaling",
+        "--worker",
+        f"--batch={args.batch}",
+        f"--seq_len={args.seq_len}",
+        f"--steps={args.steps}",
+      ],
+      env=env,
+      cwd=ROOT,
+      capture_output=True,
+      text=True,
+      check=False,
+    )
     if out.returncode:
       sys.exit(f"worker with {n} devices failed:\n{out.stderr[-3000:]}")
     for line in out.stdout.splitlines():
@@ -130,28 +156,32 @@ def main(argv=None) -> None:
   order = {"data parallel": 0, "FSDP": 1, "FSDP + tensor": 2, "expert parallel": 3}
   rows.sort(key=lambda r: (order[r["preset"]], r["devices"]))
   lines = [
-      f"Model: configs/moe.py shrunk (hidden 256, 4 MLA + MoE layers, 8 experts top-2, capacity dispatch), "
-      f"float32, batch {args.batch} x {args.seq_len} tokens; median of {args.steps} steps after compilation.",
-      "",
-      "Each row runs in its own process with that many simulated CPU devices "
-      "(`--xla_force_host_platform_device_count`); the device count above is the parent process's.",
-      "",
-      "**On CPU the simulated devices share the same cores: step time shows the overhead of sharding, not a "
-      "speed-up.** The memory columns are per device: the train state (params + AdamW moments) it holds, "
-      "and XLA's memory_analysis of the compiled step (arguments + outputs + temporaries - reused donations).",
-      "",
-      "| preset | devices | mesh (data, fsdp, tensor, expert) | compile (s) | step (ms) | tokens/s | "
-      "state MiB / device | XLA MiB / device |",
-      "|---|---:|---|---:|---:|---:|---:|---:|"]
+    f"Model: configs/moe.py shrunk (hidden 256, 4 MLA + MoE layers, 8 experts top-2, capacity dispatch), "
+    f"float32, batch {args.batch} x {args.seq_len} tokens; median of {args.steps} steps after compilation.",
+    "",
+    "Each row runs in its own process with that many simulated CPU devices "
+    "(`--xla_force_host_platform_device_count`); the device count above is the parent process's.",
+    "",
+    "**On CPU the simulated devices share the same cores: step time shows the overhead of sharding, not a "
+    "speed-up.** The memory columns are per device: the train state (params + AdamW moments) it holds, "
+    "and XLA's memory_analysis of the compiled step (arguments + outputs + temporaries - reused donations).",
+    "",
+    "| preset | devices | mesh (data, fsdp, tensor, expert) | compile (s) | step (ms) | tokens/s | "
+    "state MiB / device | XLA MiB / device |",
+    "|---|---:|---|---:|---:|---:|---:|---:|",
+  ]
   for r in rows:
     m = r["mesh"]
-    lines.append(f"| {r['preset']} | {r['devices']} | {m['data']}, {m['fsdp']}, {m['tensor']}, {m['expert']} | "
-                 f"{r['compile_s']:.1f} | {r['step_s'] * 1e3:,.0f} | {r['tok_s']:,.0f} | {mib(r['state_bytes'])} | "
-                 f"{mib(r['xla_bytes']) if r['xla_bytes'] is not None else '-'} |")
+    lines.append(
+      f"| {r['preset']} | {r['devices']} | {m['data']}, {m['fsdp']}, {m['tensor']}, {m['expert']} | "
+      f"{r['compile_s']:.1f} | {r['step_s'] * 1e3:,.0f} | {r['tok_s']:,.0f} | {mib(r['state_bytes'])} | "
+      f"{mib(r['xla_bytes']) if r['xla_bytes'] is not None else '-'} |"
+    )
   table = "\n".join(lines)
   print(table)
   if not args.no_write:
-    from benchmarks.common import write_results  # pylint: disable=g-import-not-at-top
+    from benchmarks.common import write_results
+
     path = write_results("scaling", "Mesh presets on simulated CPU devices", table)
     print("wrote", path)
 

@@ -1,7 +1,7 @@
 """Mamba2 layer forward+backward: chunked SSD vs the sequential scan (and MLA when present) by length.
 
-  python benchmarks/ssd.py                                  # the full table -> benchmarks/results/ssd.md
-  python benchmarks/ssd.py --lengths 512,1024 --out /tmp/ssd.md
+  python -m benchmarks.ssd                                  # the full table -> benchmarks/results/ssd.md
+  python -m benchmarks.ssd --lengths 512,1024 --out /tmp/ssd.md
 
 Each cell is the median wall time of `--runs` calls of a jitted value_and_grad (w.r.t. the parameters
 and the input) after one warm-up call, and the temp bytes XLA reserves for it
@@ -16,16 +16,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from flax import linen as nn  # noqa: E402
-
-from benchmarks.common import machine_lines, write_lines  # noqa: E402
-from mla_jax.config import ModelConfig, default_config, validate  # noqa: E402
-from mla_jax.layers.mamba2 import Mamba2Mixer, mamba2_flops_per_token  # noqa: E402
+from benchmarks.common import machine_lines, write_lines
+from mla_jax.config import ModelConfig, default_config, validate
+from mla_jax.layers.mamba2 import Mamba2Mixer, mamba2_flops_per_token
 
 LENGTHS = (512, 1024, 2048, 4096, 8192)
 SLOW_RUNS = 3  # at most this many timed runs for the sequential scan and MLA
@@ -83,24 +81,28 @@ MLA_MODEL = dict(kv_latent_dim=128, q_latent_dim=0, d_rope=32)  # 6 heads of 64 
 
 def mla_row(seq_len: int, runs: int = SLOW_RUNS) -> tuple[str, str]:
   try:
-    from mla_jax.layers.mla import MLA  # pylint: disable=import-outside-toplevel
+    from mla_jax.layers.mla import MLA
   except ImportError:
     print("mla_jax.layers.mla.MLA is not importable: n/a", file=sys.stderr)
     return "n/a", "n/a"
   positions_BT = jnp.broadcast_to(jnp.arange(seq_len, dtype=jnp.int32), (BATCH, seq_len))
   ms, mib = measure(MLA(model_config(**MLA_MODEL)), seq_len, runs, positions_BT)
   return f"{ms:.1f}", f"{mib:.1f}"
+
+
 # -----------------------------------------------------------------------------------------------------
 
 
-
-
 def main(argv: list[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = argparse.ArgumentParser(prog="python -m benchmarks.ssd", description=__doc__.splitlines()[0])
   parser.add_argument("--lengths", default=",".join(map(str, LENGTHS)))
   parser.add_argument("--runs", type=int, default=5, help="timed runs per cell (at least 1)")
-  parser.add_argument("--max-sequential", type=int, default=4096,
-                      help="longest length for the sequential scan; longer ones print 'skipped'")
+  parser.add_argument(
+    "--max-sequential",
+    type=int,
+    default=4096,
+    help="longest length for the sequential scan; longer ones print 'skipped'",
+  )
   parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "ssd.md"))
   args = parser.parse_args(argv)
   if args.runs < 1:
@@ -108,7 +110,10 @@ def main(argv: list[str] | None = None) -> None:
   lengths = [int(s) for s in args.lengths.split(",")]
 
   cfg = model_config()
-  lines = ["# Mamba2 (SSD) layer: forward + backward", ""] + machine_lines() + [
+  lines = (
+    ["# Mamba2 (SSD) layer: forward + backward", ""]
+    + machine_lines()
+    + [
       "",
       f"Mamba2 mixer, hidden {HIDDEN}, {HEADS} heads x {HEAD_DIM}, state {STATE}, chunk {CHUNK}, "
       f"batch {BATCH}, float32; jit(value_and_grad) w.r.t. parameters and input, median of {args.runs} "
@@ -118,10 +123,10 @@ def main(argv: list[str] | None = None) -> None:
       f"{mamba2_flops_per_token(cfg, CHUNK):,.0f}. The sequential scan is skipped above "
       f"{args.max_sequential}.",
       "",
-      "| seq len | chunked ms | chunked temp MiB | sequential ms | sequential temp MiB | MLA ms "
-      "| MLA temp MiB |",
+      "| seq len | chunked ms | chunked temp MiB | sequential ms | sequential temp MiB | MLA ms | MLA temp MiB |",
       "|---:|---:|---:|---:|---:|---:|---:|",
-  ]
+    ]
+  )
   print("\n".join(lines), flush=True)
   for seq_len in lengths:
     chunked = mamba_row(seq_len, "chunked", args.runs)

@@ -1,7 +1,7 @@
 r"""Training throughput of the seed configs beside this machine's float32 matmul peak (a CPU "MFU").
 
-  python benchmarks/train_throughput.py                  # -> benchmarks/results/train_throughput.md
-  python benchmarks/train_throughput.py --configs mla --steps 3 --batch 4 --seq_len 128
+  python -m benchmarks.train_throughput                  # -> benchmarks/results/train_throughput.md
+  python -m benchmarks.train_throughput --configs mla --steps 3 --batch 4 --seq_len 128
 
 Each row times the real jitted train step (`make_train_step`, AdamW, float32) on the config's model at a
 CPU-sized batch, after compilation. Achieved FLOP/s uses `flops_per_token` (6 x active matmul params +
@@ -13,19 +13,17 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import sys
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks.common import median_time, train_step_seconds, write_results
+from mla_jax.config import ModelConfig, validate
+from mla_jax.model import count_params, flops_per_token, init_params
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-from benchmarks.common import median_time, train_step_seconds, write_results  # noqa: E402
-from mla_jax.config import ModelConfig, validate  # noqa: E402
-from mla_jax.model import count_params, flops_per_token, init_params  # noqa: E402
 
 BYTE_VOCAB = 320  # the byte tokenizer's vocabulary padded to a multiple of 64, as in training
 
@@ -52,12 +50,21 @@ def measure(name: str, batch: int, seq_len: int, steps: int) -> dict:
   seconds = train_step_seconds(config, params, tokens, steps, vocab_size=BYTE_VOCAB)
   flops = flops_per_token(cfg, params, seq_len)["total"]
   tok_s = batch * seq_len / seconds
-  return {"name": name, "params": count_params(cfg, params), "seconds": seconds, "tok_s": tok_s,
-          "flop_s": tok_s * flops}
+  return {
+    "name": name,
+    "params": count_params(cfg, params),
+    "seconds": seconds,
+    "tok_s": tok_s,
+    "flop_s": tok_s * flops,
+  }
 
 
 def main(argv=None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = argparse.ArgumentParser(
+    prog="python -m benchmarks.train_throughput",
+    description=__doc__,
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+  )
   parser.add_argument("--configs", default="gqa,mla,moe,mamba2,hybrid")
   parser.add_argument("--batch", type=int, default=8)
   parser.add_argument("--seq_len", type=int, default=256)
@@ -66,18 +73,24 @@ def main(argv=None) -> None:
   args = parser.parse_args(argv)
 
   peak = matmul_peak()
-  rows = [f"float32 matmul peak measured in this run: {peak / 1e9:.0f} GFLOP/s", "",
-          f"batch {args.batch} x {args.seq_len} tokens, byte vocabulary ({BYTE_VOCAB}), float32, median of "
-          f"{args.steps} steps", "",
-          "| config | params (total / active) | step (s) | tokens/s | achieved GFLOP/s | / matmul peak |",
-          "|---|---:|---:|---:|---:|---:|"]
+  rows = [
+    f"float32 matmul peak measured in this run: {peak / 1e9:.0f} GFLOP/s",
+    "",
+    f"batch {args.batch} x {args.seq_len} tokens, byte vocabulary ({BYTE_VOCAB}), float32, median of "
+    f"{args.steps} steps",
+    "",
+    "| config | params (total / active) | step (s) | tokens/s | achieved GFLOP/s | / matmul peak |",
+    "|---|---:|---:|---:|---:|---:|",
+  ]
   for name in args.configs.split(","):
     if not (ROOT / "configs" / f"{name}.py").exists():
       continue
     r = measure(name, args.batch, args.seq_len, args.steps)
     p = r["params"]
-    rows.append(f"| {name} | {p['total'] / 1e6:.1f}M / {p['active'] / 1e6:.1f}M | {r['seconds']:.2f} | "
-                f"{r['tok_s']:,.0f} | {r['flop_s'] / 1e9:.1f} | {r['flop_s'] / peak:.0%} |")
+    rows.append(
+      f"| {name} | {p['total'] / 1e6:.1f}M / {p['active'] / 1e6:.1f}M | {r['seconds']:.2f} | "
+      f"{r['tok_s']:,.0f} | {r['flop_s'] / 1e9:.1f} | {r['flop_s'] / peak:.0%} |"
+    )
     print(rows[-1], flush=True)
   table = "\n".join(rows)
   print(table)

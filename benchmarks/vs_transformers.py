@@ -1,8 +1,8 @@
 r"""Training and decode tokens/s of mla_jax beside Hugging Face transformers (PyTorch) on the same models.
 
   pip install torch transformers        # CPU torch; not part of the package's dependencies
-  python benchmarks/vs_transformers.py  # -> benchmarks/results/vs_transformers.md
-  python benchmarks/vs_transformers.py --steps 2 --new_tokens 8 --no_write   # a smoke run
+  python -m benchmarks.vs_transformers  # -> benchmarks/results/vs_transformers.md
+  python -m benchmarks.vs_transformers --steps 2 --new_tokens 8 --no_write   # a smoke run
 
 Each model is built once in transformers with random weights, saved, and imported with
 `mla_jax.convert.from_hf`, so both sides run the same function (the parity tests in
@@ -13,7 +13,7 @@ number of threads (torch.set_num_threads = the core count; XLA's CPU client uses
   median of --steps after two warm-up steps. mla_jax runs `make_train_step` (jitted, donated state);
   transformers runs eager PyTorch with the same loss (mean next-token cross-entropy).
 - Decode: greedy generation of --new_tokens after a --prompt_len prompt, with each side's KV / SSM cache;
-  tokens/s counts the tokens after the first (the prefill is timed apart). mla_jax: `mla_jax.generate.Decoder`
+  tokens/s counts the tokens after the first (the prefill is timed apart). mla_jax: `mla_jax.decode.Decoder`
   (absorbed MLA decode, compiled before timing); transformers: `model.generate(do_sample=False)`.
 """
 
@@ -23,40 +23,65 @@ import argparse
 import os
 import sys
 import tempfile
-import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import jax
+import numpy as np
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-
-from benchmarks.common import RESULTS, machine_lines, median_time, train_step_seconds, write_lines  # noqa: E402
-from mla_jax import convert  # noqa: E402
-from mla_jax.config import ModelConfig, validate  # noqa: E402
-from mla_jax.generate import Decoder  # noqa: E402
-from mla_jax.model import count_params  # noqa: E402
+from benchmarks.common import RESULTS, machine_lines, median_time, train_step_seconds, write_lines
+from mla_jax import convert
+from mla_jax.config import ModelConfig, validate
+from mla_jax.decode import Decoder
+from mla_jax.model import count_params
 
 VOCAB = 320
 
-DEEPSEEK = dict(vocab_size=VOCAB, hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=8,
-                num_key_value_heads=8, q_lora_rank=96, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16,
-                v_head_dim=32, first_k_dense_replace=1, n_routed_experts=8, num_experts_per_tok=2,
-                moe_intermediate_size=128, n_shared_experts=1, norm_topk_prob=False, max_position_embeddings=1024,
-                rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
-MAMBA2 = dict(vocab_size=VOCAB, hidden_size=256, num_hidden_layers=4, num_heads=8, head_dim=64, state_size=64,
-              n_groups=1, conv_kernel=4, expand=2, chunk_size=64, tie_word_embeddings=False)
+DEEPSEEK = dict(
+  vocab_size=VOCAB,
+  hidden_size=256,
+  intermediate_size=512,
+  num_hidden_layers=4,
+  num_attention_heads=8,
+  num_key_value_heads=8,
+  q_lora_rank=96,
+  kv_lora_rank=64,
+  qk_nope_head_dim=32,
+  qk_rope_head_dim=16,
+  v_head_dim=32,
+  first_k_dense_replace=1,
+  n_routed_experts=8,
+  num_experts_per_tok=2,
+  moe_intermediate_size=128,
+  n_shared_experts=1,
+  norm_topk_prob=False,
+  max_position_embeddings=1024,
+  rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+)
+MAMBA2 = dict(
+  vocab_size=VOCAB,
+  hidden_size=256,
+  num_hidden_layers=4,
+  num_heads=8,
+  head_dim=64,
+  state_size=64,
+  n_groups=1,
+  conv_kernel=4,
+  expand=2,
+  chunk_size=64,
+  tie_word_embeddings=False,
+)
 
 
 def build_hf(kind: str, path: str):
-  import torch  # pylint: disable=g-import-not-at-top
-  import transformers  # pylint: disable=g-import-not-at-top
+  import torch
+  import transformers
+
   torch.manual_seed(0)
   if kind == "deepseek_v2":
     model = transformers.DeepseekV2ForCausalLM(transformers.DeepseekV2Config(**DEEPSEEK))
-    description = ("DeepSeek-V2 style: hidden 256, 4 layers, 8 heads, q_lora 96, kv_lora 64, rope 16, nope 32, "
-                   "v 32; layer 0 dense (512), layers 1-3 MoE 8 experts top-2 (128) + 1 shared")
+    description = (
+      "DeepSeek-V2 style: hidden 256, 4 layers, 8 heads, q_lora 96, kv_lora 64, rope 16, nope 32, "
+      "v 32; layer 0 dense (512), layers 1-3 MoE 8 experts top-2 (128) + 1 shared"
+    )
   else:
     model = transformers.Mamba2ForCausalLM(transformers.Mamba2Config(**MAMBA2))
     description = "Mamba2: hidden 256, 4 layers, 8 heads of 64, state 64, 1 group, chunk 64, conv 4"
@@ -66,7 +91,8 @@ def build_hf(kind: str, path: str):
 
 
 def hf_train_tok_s(model, tokens: np.ndarray, steps: int) -> float:
-  import torch  # pylint: disable=g-import-not-at-top
+  import torch
+
   model.train()
   opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
   inputs = torch.as_tensor(tokens[:, :-1], dtype=torch.long)
@@ -94,7 +120,8 @@ def jax_train_tok_s(config, params, tokens: np.ndarray, steps: int) -> float:
 
 def hf_decode(model, prompt: np.ndarray, new_tokens: int, batch: int) -> tuple[float, float]:
   """(decode tokens/s after the first token, prefill seconds), each the median of 3 runs."""
-  import torch  # pylint: disable=g-import-not-at-top
+  import torch
+
   model.eval()
   ids = torch.as_tensor(np.broadcast_to(prompt, (batch, len(prompt))).copy(), dtype=torch.long)
   gen = lambda n: model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
@@ -114,7 +141,11 @@ def jax_decode(cfg: ModelConfig, params, prompt: np.ndarray, new_tokens: int, ba
 
 
 def main(argv=None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = argparse.ArgumentParser(
+    prog="python -m benchmarks.vs_transformers",
+    description=__doc__,
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+  )
   parser.add_argument("--models", default="deepseek_v2,mamba2")
   parser.add_argument("--batch", type=int, default=8)
   parser.add_argument("--seq_len", type=int, default=256)
@@ -125,8 +156,8 @@ def main(argv=None) -> None:
   parser.add_argument("--no_write", action="store_true")
   args = parser.parse_args(argv)
   try:
-    import torch  # pylint: disable=g-import-not-at-top
-    import transformers  # pylint: disable=g-import-not-at-top
+    import torch
+    import transformers
   except ImportError:
     sys.exit("this benchmark needs torch and transformers: pip install torch transformers")
   threads = os.cpu_count()
@@ -143,30 +174,43 @@ def main(argv=None) -> None:
       config, params = convert.from_hf(tmp)
     cfg = ModelConfig.from_config(config)
     p = count_params(cfg, params)
-    notes.append(f"- **{kind}**: {description}; {p['total'] / 1e6:.2f}M parameters ({p['active'] / 1e6:.2f}M "
-                 "active per token)")
+    notes.append(
+      f"- **{kind}**: {description}; {p['total'] / 1e6:.2f}M parameters ({p['active'] / 1e6:.2f}M active per token)"
+    )
     ours = jax_train_tok_s(config, params, tokens, args.steps)
     theirs = hf_train_tok_s(model, tokens, args.steps)
     rows.append((kind, f"train, batch {args.batch} x {args.seq_len}", ours, theirs))
     print(rows[-1], flush=True)
     for b in decode_batches:
-      (ours, ours_prefill), (theirs, theirs_prefill) = (jax_decode(cfg, params, prompt, args.new_tokens, b),
-                                                        hf_decode(model, prompt, args.new_tokens, b))
+      (ours, ours_prefill), (theirs, theirs_prefill) = (
+        jax_decode(cfg, params, prompt, args.new_tokens, b),
+        hf_decode(model, prompt, args.new_tokens, b),
+      )
       rows.append((kind, f"decode, batch {b}, prompt {args.prompt_len}, {args.new_tokens} new", ours, theirs))
       print(rows[-1], f"prefill {ours_prefill * 1e3:.0f} ms vs {theirs_prefill * 1e3:.0f} ms", flush=True)
 
-  lines = ["| model | work | mla_jax tokens/s | transformers tokens/s | mla_jax / transformers |",
-           "|---|---|---:|---:|---:|"]
+  lines = [
+    "| model | work | mla_jax tokens/s | transformers tokens/s | mla_jax / transformers |",
+    "|---|---|---:|---:|---:|",
+  ]
   lines += [f"| {k} | {work} | {o:,.0f} | {t:,.0f} | {o / t:.2f}x |" for k, work, o, t in rows]
   print("\n".join(lines))
   if args.no_write:
     return
-  body = ["# mla_jax beside transformers (CPU, float32)", "", *machine_lines(),
-          f"- torch {torch.__version__} ({torch.get_num_threads()} threads), transformers {transformers.__version__}",
-          "", "Same weights on both sides (built in transformers, imported with `mla_jax.convert.from_hf`). "
-          f"Training: median of {args.steps} optimizer steps (AdamW, clip 1.0) after two warm-up steps. Decode: "
-          "greedy, tokens/s after the first new token, median of 3 runs; mla_jax compiles before timing.", "",
-          *notes, "", *lines]
+  body = [
+    "# mla_jax beside transformers (CPU, float32)",
+    "",
+    *machine_lines(),
+    f"- torch {torch.__version__} ({torch.get_num_threads()} threads), transformers {transformers.__version__}",
+    "",
+    "Same weights on both sides (built in transformers, imported with `mla_jax.convert.from_hf`). "
+    f"Training: median of {args.steps} optimizer steps (AdamW, clip 1.0) after two warm-up steps. Decode: "
+    "greedy, tokens/s after the first new token, median of 3 runs; mla_jax compiles before timing.",
+    "",
+    *notes,
+    "",
+    *lines,
+  ]
   write_lines(RESULTS / "vs_transformers.md", body)
 
 

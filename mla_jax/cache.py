@@ -4,7 +4,9 @@ One cache per layer, chosen by the layer's mixer:
   MLA     MLACache: c_kv [B, S, kv_latent_dim] and k_rope [B, S, d_rope], nothing else per token
           (DeepSeek-V2 section 2.1.2: (d_c + d_h^R) numbers per token per layer).
   GQA     KVCache: k and v [B, S, kv_heads, head_dim].
-  Mamba2  {conv [B, K-1, E], ssm [B, H, P, N] float32} from `layers.mamba2.init_cache`: constant size.
+  Mamba2  Mamba2Cache: conv [B, K-1, E] and ssm [B, H, P, N] float32: constant size.
+Each cache class names the logical axes of its arrays once (`AXES`, field -> names): the layers constrain
+their cache writes with them and `sharding.cache_shardings` lays the caches out by them (`logical_axes`).
 
 Key slot s holds the token at position s. A layer writes entry [b, t] of a call at slot positions[b, t]
 (`write`: each row has its own positions, so rows of a batch may be at different lengths), and the
@@ -17,7 +19,7 @@ which sizes the caches to the prompt plus the new tokens. Inside a jitted progra
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import flax
 import jax
@@ -25,29 +27,93 @@ import jax.numpy as jnp
 import numpy as np
 
 from mla_jax.config import ModelConfig
-from mla_jax.layers import mamba2
 from mla_jax.layers.common import compute_dtype
 
 MLA_DECODE_MODES = ("absorbed", "expanded")
 
 
+class _LogicalAxes:
+  """`AXES` maps each array field to its logical axis names (one per dimension, None = not sharded)."""
+
+  AXES: ClassVar[dict[str, tuple]] = {}
+
+  def logical_axes(self):
+    """This cache with each array replaced by its tuple of logical axis names."""
+    return self.replace(**self.AXES)
+
+
 @flax.struct.dataclass
-class MLACache:
+class MLACache(_LogicalAxes):
   """Latent MLA cache. `decode` picks how a one-token step reads it: 'absorbed' folds W_UK into the query
   and W_UV into the output (K and V are never formed); 'expanded' rebuilds K and V from the latent, the
   reference twin. It is static (part of the tree structure), so each mode compiles its own program."""
+
+  AXES: ClassVar[dict[str, tuple]] = {
+    "c_kv": ("cache_batch", "cache_sequence", "cache_kv"),
+    "k_rope": ("cache_batch", "cache_sequence", "cache_kv"),
+  }
 
   c_kv: jax.Array  # [B, S, kv_latent_dim], RMS-normalised latent
   k_rope: jax.Array  # [B, S, d_rope], RoPE already applied at the slot's position
   decode: str = flax.struct.field(pytree_node=False, default="absorbed")
 
+  @classmethod
+  def zeros(cls, cfg: ModelConfig, batch: int, max_len: int, dtype: Any, decode: str = "absorbed") -> MLACache:
+    if decode not in MLA_DECODE_MODES:
+      raise ValueError(f"mla_decode must be one of {MLA_DECODE_MODES}, got {decode!r}")
+    return cls(
+      c_kv=jnp.zeros((batch, max_len, cfg.kv_latent_dim), dtype),
+      k_rope=jnp.zeros((batch, max_len, cfg.d_rope), dtype),
+      decode=decode,
+    )
+
 
 @flax.struct.dataclass
-class KVCache:
+class KVCache(_LogicalAxes):
   """GQA cache: RoPE'd keys and values per key/value head."""
+
+  AXES: ClassVar[dict[str, tuple]] = {
+    "k": ("cache_batch", "cache_sequence", "cache_heads", "cache_kv"),
+    "v": ("cache_batch", "cache_sequence", "cache_heads", "cache_kv"),
+  }
 
   k: jax.Array  # [B, S, kv_heads, head_dim]
   v: jax.Array  # [B, S, kv_heads, head_dim]
+
+  @classmethod
+  def zeros(cls, cfg: ModelConfig, batch: int, max_len: int, dtype: Any) -> KVCache:
+    shape = (batch, max_len, cfg.kv_heads, cfg.head_dim)
+    return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
+
+
+@flax.struct.dataclass
+class Mamba2Cache(_LogicalAxes):
+  """Mamba2 decode state: the last K-1 conv inputs and the SSM state (always float32)."""
+
+  AXES: ClassVar[dict[str, tuple]] = {
+    "conv": ("cache_batch", None, None),
+    "ssm": ("cache_batch", "cache_heads", None, None),
+  }
+
+  conv: jax.Array  # [B, K-1, E], E = inner + 2 * groups * state_size
+  ssm: jax.Array  # [B, H, P, N] float32
+
+  @classmethod
+  def zeros(cls, cfg: ModelConfig, batch: int, dtype: Any = jnp.float32) -> Mamba2Cache:
+    conv_dim = cfg.mamba2_inner + 2 * cfg.mamba2_n_groups * cfg.mamba2_state_size
+    return cls(
+      conv=jnp.zeros((batch, cfg.mamba2_conv_kernel - 1, conv_dim), dtype),
+      ssm=jnp.zeros((batch, cfg.mamba2_num_heads, cfg.mamba2_head_dim, cfg.mamba2_state_size), jnp.float32),
+    )
+
+
+CACHE_TYPES = (MLACache, KVCache, Mamba2Cache)
+
+
+def logical_axes(caches):
+  """`caches` (a list or any tree of caches) with each array replaced by its tuple of logical axis names:
+  a prefix of the caches' tree, so `jax.tree.map(f, caches, logical_axes(caches))` pairs leaf and names."""
+  return jax.tree.map(lambda c: c.logical_axes(), caches, is_leaf=lambda x: isinstance(x, CACHE_TYPES))
 
 
 class CacheOverflowError(ValueError):
@@ -58,8 +124,10 @@ def check_positions(positions_BT, length: int) -> None:
   """Raises CacheOverflowError unless every position is a slot of a cache with `length` slots."""
   pos = np.asarray(positions_BT)
   if pos.size and (pos.min() < 0 or pos.max() >= length):
-    raise CacheOverflowError(f"cache write at positions {pos.min()}..{pos.max()} but the cache has {length} "
-                             f"slots (0..{length - 1}): allocate the caches with max_len >= the last position + 1")
+    raise CacheOverflowError(
+      f"cache write at positions {pos.min()}..{pos.max()} but the cache has {length} "
+      f"slots (0..{length - 1}): allocate the caches with max_len >= the last position + 1"
+    )
 
 
 def write(cache_BS: jax.Array, new_BT: jax.Array, positions_BT: jax.Array) -> jax.Array:
@@ -86,23 +154,19 @@ def write(cache_BS: jax.Array, new_BT: jax.Array, positions_BT: jax.Array) -> ja
   return cache_BS.at[rows_B1, positions_BT].set(new_BT, mode="drop", wrap_negative_indices=False)
 
 
-def init_cache(cfg: ModelConfig, layer: int, batch: int, max_len: int, dtype: Any = jnp.float32,
-               mla_decode: str = "absorbed"):
+def init_cache(
+  cfg: ModelConfig, layer: int, batch: int, max_len: int, dtype: Any = jnp.float32, mla_decode: str = "absorbed"
+):
   """The zero cache of layer `layer`."""
   kind = cfg.mixer_kind(layer)
   if kind == "mla":
-    if mla_decode not in MLA_DECODE_MODES:
-      raise ValueError(f"mla_decode must be one of {MLA_DECODE_MODES}, got {mla_decode!r}")
-    return MLACache(c_kv=jnp.zeros((batch, max_len, cfg.kv_latent_dim), dtype),
-                    k_rope=jnp.zeros((batch, max_len, cfg.d_rope), dtype), decode=mla_decode)
+    return MLACache.zeros(cfg, batch, max_len, dtype, mla_decode)
   if kind == "gqa":
-    shape = (batch, max_len, cfg.kv_heads, cfg.head_dim)
-    return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
-  return mamba2.init_cache(cfg, batch, dtype)
+    return KVCache.zeros(cfg, batch, max_len, dtype)
+  return Mamba2Cache.zeros(cfg, batch, dtype)
 
 
-def init_caches(cfg: ModelConfig, batch: int, max_len: int, dtype: Any = None,
-                mla_decode: str = "absorbed") -> list:
+def init_caches(cfg: ModelConfig, batch: int, max_len: int, dtype: Any = None, mla_decode: str = "absorbed") -> list:
   """One zero cache per layer (dtype defaults to the compute dtype; the SSM state is always float32)."""
   dtype = dtype or compute_dtype(cfg.dtype)
   return [init_cache(cfg, i, batch, max_len, dtype, mla_decode) for i in range(cfg.num_layers)]
@@ -150,24 +214,48 @@ def cache_summary(cfg: ModelConfig, length: int, batch: int = 1, dtype: Any = No
       continue
     vpt = values_per_token(cfg, layers[0])
     fixed = fixed_bytes(cfg, layers[0], itemsize)
-    rows.append({"name": kind, "layers": len(layers), "values_per_token_layer": vpt,
-                 "bytes_per_token_layer": vpt * itemsize, "fixed_bytes_layer": fixed,
-                 "bytes": len(layers) * (vpt * itemsize * length + fixed) * batch})
+    rows.append(
+      {
+        "name": kind,
+        "layers": len(layers),
+        "values_per_token_layer": vpt,
+        "bytes_per_token_layer": vpt * itemsize,
+        "fixed_bytes_layer": fixed,
+        "bytes": len(layers) * (vpt * itemsize * length + fixed) * batch,
+      }
+    )
   total = sum(r["bytes"] for r in rows)
   per_token = sum(r["layers"] * r["bytes_per_token_layer"] for r in rows)
   L = cfg.num_layers
   mha = 2 * cfg.num_heads * cfg.head_dim
   gqa = 2 * cfg.kv_heads * cfg.head_dim
-  equivalents = [{"name": f"MHA ({cfg.num_heads} kv heads)", "layers": L, "values_per_token_layer": mha},
-                 {"name": f"GQA ({cfg.kv_heads} kv heads)", "layers": L, "values_per_token_layer": gqa}]
+  equivalents = [
+    {"name": f"MHA ({cfg.num_heads} kv heads)", "layers": L, "values_per_token_layer": mha},
+    {"name": f"GQA ({cfg.kv_heads} kv heads)", "layers": L, "values_per_token_layer": gqa},
+  ]
   if cfg.use_mla:
-    equivalents.append({"name": f"MLA (d_c {cfg.kv_latent_dim} + d_rope {cfg.d_rope})", "layers": L,
-                        "values_per_token_layer": cfg.kv_latent_dim + cfg.d_rope})
+    equivalents.append(
+      {
+        "name": f"MLA (d_c {cfg.kv_latent_dim} + d_rope {cfg.d_rope})",
+        "layers": L,
+        "values_per_token_layer": cfg.kv_latent_dim + cfg.d_rope,
+      }
+    )
   for e in equivalents:
-    e.update(bytes_per_token_layer=e["values_per_token_layer"] * itemsize, fixed_bytes_layer=0,
-             bytes=L * e["values_per_token_layer"] * itemsize * length * batch)
-  return {"rows": rows, "equivalents": equivalents, "total_bytes": total, "bytes_per_token": per_token,
-          "length": length, "batch": batch, "itemsize": itemsize}
+    e.update(
+      bytes_per_token_layer=e["values_per_token_layer"] * itemsize,
+      fixed_bytes_layer=0,
+      bytes=L * e["values_per_token_layer"] * itemsize * length * batch,
+    )
+  return {
+    "rows": rows,
+    "equivalents": equivalents,
+    "total_bytes": total,
+    "bytes_per_token": per_token,
+    "length": length,
+    "batch": batch,
+    "itemsize": itemsize,
+  }
 
 
 def _fmt_bytes(n: float) -> str:
@@ -181,10 +269,12 @@ def _fmt_bytes(n: float) -> str:
 def cache_report(cfg: ModelConfig, length: int, batch: int = 1, dtype: Any = None) -> str:
   """A markdown table of `cache_summary`: this model's layers, its total, and the all-layer equivalents."""
   s = cache_summary(cfg, length, batch, dtype)
-  head = (f"Decode cache at length {length:,} x batch {batch} ({s['itemsize']}-byte values; "
-          f"{cfg.num_layers} layers, hidden {cfg.hidden_size}, {cfg.num_heads} heads of {cfg.head_dim})\n\n"
-          "| cache | layers | values/token/layer | bytes/token/layer | fixed bytes/layer | total | vs MHA |\n"
-          "|---|---:|---:|---:|---:|---:|---:|\n")
+  head = (
+    f"Decode cache at length {length:,} x batch {batch} ({s['itemsize']}-byte values; "
+    f"{cfg.num_layers} layers, hidden {cfg.hidden_size}, {cfg.num_heads} heads of {cfg.head_dim})\n\n"
+    "| cache | layers | values/token/layer | bytes/token/layer | fixed bytes/layer | total | vs MHA |\n"
+    "|---|---:|---:|---:|---:|---:|---:|\n"
+  )
   mha_bytes = s["equivalents"][0]["bytes"]
   num = lambda v: f"{v:,}"
 
@@ -192,13 +282,33 @@ def cache_report(cfg: ModelConfig, length: int, batch: int = 1, dtype: Any = Non
     ratio = f"{total / mha_bytes:.3f}x" if mha_bytes else "-"
     return f"| {name} | {layers} | {vpt} | {bpt} | {fixed} | {_fmt_bytes(total)} | {ratio} |"
 
-  lines = [line(f"this model: {r['name']}", r["layers"], num(r["values_per_token_layer"]),
-                num(r["bytes_per_token_layer"]), num(r["fixed_bytes_layer"]), r["bytes"]) for r in s["rows"]]
+  lines = [
+    line(
+      f"this model: {r['name']}",
+      r["layers"],
+      num(r["values_per_token_layer"]),
+      num(r["bytes_per_token_layer"]),
+      num(r["fixed_bytes_layer"]),
+      r["bytes"],
+    )
+    for r in s["rows"]
+  ]
   lines.append(line("**this model: total**", cfg.num_layers, "-", "-", "-", s["total_bytes"]))
-  lines += [line(f"equivalent: {e['name']}", e["layers"], num(e["values_per_token_layer"]),
-                 num(e["bytes_per_token_layer"]), "0", e["bytes"]) for e in s["equivalents"]]
-  notes = ("\nMHA is the seed's 2 x num_layers x seq_len x hidden_size (hidden_size = num_heads x head_dim); "
-           "GQA is 2 x num_layers x seq_len x kv_heads x head_dim; MLA is DeepSeek-V2's (d_c + d_rope) x num_layers "
-           "x seq_len (the seed's 2 x kv_latent_dim counts the latent twice and leaves out k_rope). Mamba2 "
-           "layers keep a fixed conv window and float32 SSM state whatever the length.\n")
+  lines += [
+    line(
+      f"equivalent: {e['name']}",
+      e["layers"],
+      num(e["values_per_token_layer"]),
+      num(e["bytes_per_token_layer"]),
+      "0",
+      e["bytes"],
+    )
+    for e in s["equivalents"]
+  ]
+  notes = (
+    "\nMHA is the seed's 2 x num_layers x seq_len x hidden_size (hidden_size = num_heads x head_dim); "
+    "GQA is 2 x num_layers x seq_len x kv_heads x head_dim; MLA is DeepSeek-V2's (d_c + d_rope) x num_layers "
+    "x seq_len (the seed's 2 x kv_latent_dim counts the latent twice and leaves out k_rope). Mamba2 "
+    "layers keep a fixed conv window and float32 SSM state whatever the length.\n"
+  )
   return head + "\n".join(lines) + "\n" + notes

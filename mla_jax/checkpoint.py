@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import math
 import os
 import re
 import shutil
 import sys
-from typing import Any, Callable, Optional
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax
 import ml_collections
@@ -30,6 +32,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as ocp_policies
 
 from mla_jax import config as config_lib
+from mla_jax import pytree
 from mla_jax.errors import CheckpointError, WorkdirError
 
 _MiB = 1 << 20
@@ -69,8 +72,9 @@ def is_unreadable(error: BaseException) -> bool:
   unreadable, seen = False, set()
   while error is not None and id(error) not in seen:
     seen.add(id(error))
-    if isinstance(error, (FileNotFoundError, NotADirectoryError, json.JSONDecodeError, UnicodeDecodeError,
-                          _Inconsistent)):
+    if isinstance(
+      error, (FileNotFoundError, NotADirectoryError, json.JSONDecodeError, UnicodeDecodeError, _Inconsistent)
+    ):
       unreadable = True
     elif isinstance(error, (OSError, MemoryError)):
       return False
@@ -92,7 +96,11 @@ def _reason(error: BaseException) -> str:
 class Checkpointer:
   """Saves and restores (state, meta) under `<workdir>/checkpoints/<step>`."""
 
-  def __init__(self, workdir: str, max_to_keep: int = 3, async_save: bool = True, keep_best: bool = False):
+  def __init__(
+    self, workdir: str, max_to_keep: int = 3, async_save: bool = True, keep_best: bool = False, read_only: bool = False
+  ):
+    """`read_only` (generate, evaluate, resume checks): never writes, and leaves alone the temporary
+    directories of a save that a training run may be writing into the same workdir right now."""
     self.workdir = os.path.abspath(workdir)
     self.directory = checkpoint_dir(workdir)
     self.keep_best = keep_best
@@ -100,20 +108,38 @@ class Checkpointer:
     best_fn = None
     if keep_best:  # metrics are written with each step (orbax does so when best_fn is set)
       best_fn = lambda metrics: metrics.get("val_loss", math.inf)
-      policy = ocp_policies.AnyPreservationPolicy([policy, ocp_policies.BestN(get_metric_fn=best_fn, reverse=True,
-                                                                              n=1)])
-    options = ocp.CheckpointManagerOptions(preservation_policy=policy, best_fn=best_fn, best_mode="min", create=True,
-                                           cleanup_tmp_directories=True, enable_async_checkpointing=async_save)
+      policy = ocp_policies.AnyPreservationPolicy(
+        [policy, ocp_policies.BestN(get_metric_fn=best_fn, reverse=True, n=1)]
+      )
+    options = ocp.CheckpointManagerOptions(
+      preservation_policy=policy,
+      best_fn=best_fn,
+      best_mode="min",
+      create=not read_only,
+      read_only=read_only,
+      cleanup_tmp_directories=not read_only,
+      save_interval_steps=0 if read_only else 1,
+      enable_async_checkpointing=async_save,
+    )
+    absl_logger = logging.getLogger("absl")
+    level = absl_logger.level
+    if read_only:  # orbax warns that the directory is read only: that is what was asked for
+      absl_logger.setLevel(logging.ERROR)
     try:
       self.manager = ocp.CheckpointManager(
-          self.directory, options=options,
-          item_handlers={"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
+        self.directory,
+        options=options,
+        item_handlers={"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()},
+      )
     except OSError as e:
       raise WorkdirError(f"cannot use checkpoint directory {self.directory}: {_reason(e)}") from e
-    self._pending: Optional[int] = None  # step of a save that may still be writing in the background
+    finally:
+      absl_logger.setLevel(level)
+    self._pending: int | None = None  # step of a save that may still be writing in the background
 
-  def save(self, step: int, state, data_state: dict, config: ml_collections.ConfigDict,
-           val_loss: Optional[float] = None) -> None:
+  def save(
+    self, step: int, state, data_state: dict, config: ml_collections.ConfigDict, val_loss: float | None = None
+  ) -> None:
     """Starts saving `step` (asynchronously when enabled); a failed save raises CheckpointError."""
     self.wait()
     meta = {"step": int(step), "data": data_state, "config": config.to_json()}
@@ -123,9 +149,12 @@ class Checkpointer:
     if self.keep_best:  # a save without a validation loss (e.g. on SIGTERM) is never the best
       metrics = {"val_loss": float(val_loss)} if val_loss is not None else {}
     try:
-      self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                      meta=ocp.args.JsonSave(meta)),
-                        metrics=metrics, force=True)
+      self.manager.save(
+        step,
+        args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+        metrics=metrics,
+        force=True,
+      )
     except Exception as e:  # orbax and tensorstore raise many types (OSError, ValueError, RuntimeError)
       raise self._save_error(step, e) from e
     self._pending = int(step)
@@ -134,26 +163,27 @@ class Checkpointer:
     """Blocks until a background save has finished; raises CheckpointError if it failed."""
     try:
       self.manager.wait_until_finished()
-    except Exception as e:  # pylint: disable=broad-except
+    except Exception as e:
       step, self._pending = self._pending, None
       raise self._save_error(step, e) from e
     self._pending = None
 
-  def _save_error(self, step: Optional[int], error: BaseException) -> CheckpointError:
+  def _save_error(self, step: int | None, error: BaseException) -> CheckpointError:
     self.manager.reload()
     good = self.latest_step()
     kept = f"the last complete checkpoint is step {good}" if good is not None else "no earlier checkpoint exists"
     hint = " (disk full)" if getattr(error, "errno", None) == errno.ENOSPC else ""
-    return CheckpointError(f"saving checkpoint step {step} in {self.directory} failed{hint}: {_reason(error)}; "
-                           f"{kept}, unchanged")
+    return CheckpointError(
+      f"saving checkpoint step {step} in {self.directory} failed{hint}: {_reason(error)}; {kept}, unchanged"
+    )
 
-  def latest_step(self) -> Optional[int]:
+  def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
   def all_steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
 
-  def best_step(self) -> Optional[tuple[int, float]]:
+  def best_step(self) -> tuple[int, float] | None:
     """(step, validation loss) of the kept checkpoint with the lowest validation loss, if any has one."""
     scored = []
     for step in self.all_steps():
@@ -163,22 +193,14 @@ class Checkpointer:
     return (min(scored)[1], min(scored)[0]) if scored else None
 
   def check_compatible(self, step: int, abstract_state) -> None:
-    """Raises CheckpointError naming the first path whose saved shape differs from `abstract_state`."""
-    saved = {_path_name(p): tuple(leaf.shape)
-             for p, leaf in jax.tree_util.tree_flatten_with_path(self._state_metadata(step))[0]
-             if hasattr(leaf, "shape")}
-    target = [(_path_name(p), tuple(leaf.shape))
-              for p, leaf in jax.tree_util.tree_flatten_with_path(abstract_state)[0]]
+    """Raises CheckpointError naming the first path whose saved shape differs from `abstract_state`
+    (missing or extra paths too); the parameters are compared first, since the optimizer state mirrors them."""
+    saved = self._state_metadata(step)
     where = f"checkpoint {os.path.join(self.directory, str(step))} does not match the config"
-    for name, shape in target:
-      if name not in saved:
-        raise CheckpointError(f"{where}: {name} {shape} is in the config but not in the checkpoint")
-      if saved[name] != shape:
-        raise CheckpointError(f"{where}: {name} has shape {saved[name]} in the checkpoint but {shape} "
-                              "in the config")
-    extra = sorted(set(saved) - {name for name, _ in target})
-    if extra:
-      raise CheckpointError(f"{where}: {extra[0]} {saved[extra[0]]} is in the checkpoint but not in the config")
+    saved_params, params = _params(saved), _params(abstract_state)
+    if saved_params is not None and params is not None:
+      pytree.check_shapes({"params": saved_params}, {"params": params}, where, CheckpointError)
+    pytree.check_shapes(saved, abstract_state, where, CheckpointError)
 
   def _state_metadata(self, step: int):
     metadata = self.manager.item_metadata(step)["state"]
@@ -192,8 +214,9 @@ class Checkpointer:
       if not os.path.isdir(os.path.join(self.directory, str(step), item)):
         raise _Inconsistent(f"its {item} folder is missing")
     self.check_compatible(step, abstract_state)
-    restored = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+    restored = self.manager.restore(
+      step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore())
+    )
     meta = restored["meta"]
     if not isinstance(meta, dict) or "data" not in meta or "config" not in meta:
       raise _Inconsistent("the meta record lacks the data-iterator state or the config")
@@ -213,22 +236,25 @@ class Checkpointer:
         state, meta = self.restore(step, abstract_state)
       except CheckpointError:
         raise
-      except Exception as e:  # pylint: disable=broad-except  # truncated or corrupt files fail in many ways
+      except Exception as e:  # truncated or corrupt files fail in many ways
         if not is_unreadable(e):
           raise
         bad.append((step, e))
         continue
       for bad_step, error in bad:
         moved = self._move_aside(bad_step)
-        warn(f"checkpoint {os.path.join(self.directory, str(bad_step))} is unreadable ({_reason(error)}); "
-             f"moved it to {moved} and resuming from step {step}")
+        warn(
+          f"checkpoint {os.path.join(self.directory, str(bad_step))} is unreadable ({_reason(error)}); "
+          f"moved it to {moved} and resuming from step {step}"
+        )
       if bad:
         self.manager.reload()
       return step, state, meta
     if bad:
       listed = "; ".join(f"step {s}: {_reason(e)}" for s, e in bad)
-      raise CheckpointError(f"no readable checkpoint in {self.directory} ({listed}); move that directory "
-                            "aside to start from scratch")
+      raise CheckpointError(
+        f"no readable checkpoint in {self.directory} ({listed}); move that directory aside to start from scratch"
+      )
     return None
 
   def _move_aside(self, step: int) -> str:
@@ -243,6 +269,31 @@ class Checkpointer:
   def restore_meta(self, step: int) -> dict:
     return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
+  def restore_variables(self, step: int, abstract_variables: dict) -> dict:
+    """Restores only the parts of the saved state that `abstract_variables` names ({'params': ...,
+    'model_state': ...}: no optimizer state) at `step`, onto its shardings. The saved shapes are checked
+    first; a mismatch is a CheckpointError naming the first differing parameter."""
+    where = os.path.join(self.directory, str(step))
+    try:
+      saved = self._state_metadata(step)
+    except Exception as e:  # orbax raises many types for a damaged metadata file
+      raise CheckpointError(f"{where}: unreadable checkpoint ({_reason(e)})") from e
+    if not isinstance(saved, dict) or "params" not in saved:
+      raise CheckpointError(f"{where}: the saved state holds no parameters")
+    saved = {name: saved.get(name) or {} for name in abstract_variables}
+    pytree.check_shapes(saved, abstract_variables, f"{where}: parameters do not match the config", CheckpointError)
+    try:
+      return ocp.PyTreeCheckpointer().restore(
+        os.path.join(where, "state"),
+        args=ocp.args.PyTreeRestore(
+          item=abstract_variables,
+          restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_variables),
+          partial_restore=True,
+        ),
+      )
+    except Exception as e:
+      raise CheckpointError(f"{where}: could not restore the parameters ({_reason(e)})") from e
+
   def close(self) -> None:
     """Waits for a background save (raising CheckpointError if it failed), then releases the manager."""
     try:
@@ -251,16 +302,9 @@ class Checkpointer:
       self.manager.close()
 
 
-def _path_name(path) -> str:
-  parts = []
-  for key in path:
-    for attr in ("name", "key", "idx"):
-      if hasattr(key, attr):
-        parts.append(str(getattr(key, attr)))
-        break
-    else:
-      parts.append(str(key))
-  return "/".join(parts)
+def _params(state):
+  """The `params` entry of a train state or of its saved metadata (a dict), or None."""
+  return state.get("params") if isinstance(state, Mapping) else getattr(state, "params", None)
 
 
 def abstract(tree, shardings=None):
@@ -301,7 +345,7 @@ def prepare_workdir(workdir: str) -> None:
     raise WorkdirError(f"workdir {workdir} is not usable: {_reason(e)}") from e
 
 
-def missing_root(path: str) -> Optional[str]:
+def missing_root(path: str) -> str | None:
   """The outermost folder of `path` (itself included) that does not exist yet, or None."""
   path, root = os.path.abspath(path), None
   while not os.path.exists(path):
@@ -312,7 +356,7 @@ def missing_root(path: str) -> Optional[str]:
   return root
 
 
-def remove_empty_outputs(workdir: str, created_root: Optional[str] = None, remove_config: bool = False) -> None:
+def remove_empty_outputs(workdir: str, created_root: str | None = None, remove_config: bool = False) -> None:
   """After a failed start: removes an empty checkpoints/ folder and an empty metrics.jsonl, then (with
   `remove_config`: the run wrote it) config.json if neither is left, then the empty folders from the
   workdir up to `created_root` (what the run created). Nothing that holds data is touched."""
@@ -353,28 +397,32 @@ def saved_steps(workdir: str) -> list[int]:
 def saved_with_model(workdir: str, step: int, config: ml_collections.ConfigDict) -> bool:
   """Whether checkpoint `step` was saved with the same model section as `config`, and its record and state
   metadata are readable (the arrays themselves are read only by a restore)."""
-  checkpointer = Checkpointer(workdir, max_to_keep=0, async_save=False)
+  checkpointer = Checkpointer(workdir, max_to_keep=0, async_save=False, read_only=True)
   try:
     saved = json.loads(checkpointer.restore_meta(step)["config"])["model"]
-    checkpointer._state_metadata(step)  # pylint: disable=protected-access
+    checkpointer._state_metadata(step)
     return saved == json.loads(config.to_json())["model"]
-  except Exception:  # pylint: disable=broad-except  # unreadable: the restore path reports or falls back
+  except Exception:  # unreadable: the restore path reports or falls back
     return False
   finally:
     checkpointer.manager.close()
 
 
-def check_free_space(workdir: str, checkpoint_bytes: int, keep: int) -> Optional[str]:
+def check_free_space(workdir: str, checkpoint_bytes: int, keep: int) -> str | None:
   """Raises WorkdirError if one checkpoint cannot fit; returns a warning if `keep` + 1 of them may not."""
   free = shutil.disk_usage(os.path.abspath(workdir)).free
   margin = 16 * _MiB  # metrics, the loss plot and orbax metadata
   if free < checkpoint_bytes + margin:
-    raise WorkdirError(f"workdir {os.path.abspath(workdir)} has {free / _MiB:,.1f} MiB free but one checkpoint "
-                       f"needs about {(checkpoint_bytes + margin) / _MiB:,.1f} MiB")
+    raise WorkdirError(
+      f"workdir {os.path.abspath(workdir)} has {free / _MiB:,.1f} MiB free but one checkpoint "
+      f"needs about {(checkpoint_bytes + margin) / _MiB:,.1f} MiB"
+    )
   need = (keep + 1) * checkpoint_bytes + margin
   if keep and free < need:
-    return (f"workdir {os.path.abspath(workdir)} has {free / _MiB:,.1f} MiB free; keeping {keep} checkpoints "
-            f"(plus one being written) needs about {need / _MiB:,.1f} MiB")
+    return (
+      f"workdir {os.path.abspath(workdir)} has {free / _MiB:,.1f} MiB free; keeping {keep} checkpoints "
+      f"(plus one being written) needs about {need / _MiB:,.1f} MiB"
+    )
   return None
 
 

@@ -9,7 +9,9 @@ import re
 import sys
 import textwrap
 import warnings
-from typing import Callable, Optional
+from collections.abc import Callable
+
+from absl import flags, logging
 
 from mla_jax import config as config_lib
 from mla_jax.errors import UserError
@@ -37,18 +39,17 @@ def fail(message: str) -> None:
   sys.exit(2)
 
 
-def parse_flags(argv: Optional[list[str]] = None, doc: Optional[str] = None) -> None:
+def parse_flags(argv: list[str] | None = None, doc: str | None = None) -> None:
   """Parses absl flags (including --config files and --config.x.y overrides) or exits with one line.
 
   --help (or -h) prints `doc` (default: the calling entry point's docstring), every flag with its help
   and, where a --config flag exists, the config files; then exits 0.
   """
-  from absl import flags, logging  # pylint: disable=g-import-not-at-top
   argv = argv if argv is not None else sys.argv
-  args = argv[1:argv.index("--")] if "--" in argv else argv[1:]
+  args = argv[1 : argv.index("--")] if "--" in argv else argv[1:]
   if any(arg in HELP_FLAGS for arg in args):
     if doc is None:
-      doc = sys._getframe(1).f_globals.get("__doc__")  # pylint: disable=protected-access
+      doc = sys._getframe(1).f_globals.get("__doc__")
     print(usage(flags.FLAGS, doc or ""))
     sys.exit(0)
   try:
@@ -60,8 +61,10 @@ def parse_flags(argv: Optional[list[str]] = None, doc: Optional[str] = None) -> 
     value = flags.FLAGS[name].value
     if type(value).__name__ == "_ErrorConfig":
       path = getattr(flags.FLAGS[name], "config_filename", "")
-      fail(f"flag --{name}: cannot load config file {path!r} (missing or unreadable); config files: "
-           + ", ".join(path for path, _, _ in config_files()))
+      fail(
+        f"flag --{name}: cannot load config file {path!r} (missing or unreadable); config files: "
+        + ", ".join(path for path, _, _ in config_files())
+      )
   logging.set_verbosity(logging.WARNING)
   logging.use_python_logging(quiet=True)
   warnings.formatwarning = _format_warning
@@ -78,7 +81,7 @@ def _is_config_flag(flag) -> bool:
   return flag.flag_type() == "config object"
 
 
-def _unknown_override(flag_values, args: list[str]) -> Optional[str]:
+def _unknown_override(flag_values, args: list[str]) -> str | None:
   """The ConfigError line for the first `--config.KEY=VALUE` whose KEY does not exist, if any."""
   for arg in args:
     name = arg.lstrip("-").split("=", 1)[0]
@@ -97,8 +100,9 @@ def usage(flag_values, doc: str) -> str:
   wrap = lambda text: textwrap.wrap(text, 108, initial_indent="      ", subsequent_indent="      ")
   # absl files each flag under its module's name, or sys.argv[0] for the module that runs as the script
   ours = lambda module: module in ("__main__", sys.argv[0]) or module.split(".")[0] == "mla_jax"
-  defined = [flag for module, module_flags in flag_values.flags_by_module_dict().items() if ours(module)
-             for flag in module_flags]
+  defined = [
+    flag for module, module_flags in flag_values.flags_by_module_dict().items() if ours(module) for flag in module_flags
+  ]
   has_config = False
   for flag in sorted({f.name: f for f in defined}.values(), key=lambda f: f.name):
     default = "" if flag.default in (None, "") else f" (default: {flag.default!r})"
@@ -106,18 +110,17 @@ def usage(flag_values, doc: str) -> str:
     if _is_config_flag(flag):
       has_config = True
       lines += [f"  --{flag.name}.SECTION.KEY=VALUE"] + wrap(
-          "Overrides one key of the config file, e.g. --config.trainer.max_steps=100 or "
-          "--config.model.kv_latent_dim=256 (every key and its meaning: mla_jax/config.py default_config()).")
+        "Overrides one key of the config file, e.g. --config.trainer.max_steps=100 or "
+        "--config.model.kv_latent_dim=256 (every key and its meaning: the key tables in mla_jax/config.py)."
+      )
   lines += ["  --help, -h"] + wrap("Shows this help and exits.")
   if has_config:
     files = config_files()
     lines += ["", "Config files (--config=FILE[:ARG]; FILE:quick is a short CPU run of the same model):"]
-    names = [path + "".join(f"[:{arg}]" if arg == "quick" else f":{arg}" for arg in args)
-             for path, args, _ in files]
+    names = [path + "".join(f"[:{arg}]" if arg == "quick" else f":{arg}" for arg in args) for path, args, _ in files]
     width = max(map(len, names), default=0)
     for name, (_, _, summary) in zip(names, files):
-      lines += textwrap.wrap(summary, 108, initial_indent=f"  {name:<{width}}  ",
-                             subsequent_indent=" " * (width + 4))
+      lines += textwrap.wrap(summary, 108, initial_indent=f"  {name:<{width}}  ", subsequent_indent=" " * (width + 4))
     if not files:
       lines.append("  (none found: run from the repository root, where configs/ is)")
   return "\n".join(lines)

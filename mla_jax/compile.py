@@ -17,25 +17,27 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Optional
 
 # Compiling for a topology needs no local accelerator: JAX itself runs on the CPU unless told otherwise
 # (with libtpu installed it would otherwise try to start a local TPU runtime).
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+from absl import flags  # noqa: E402  (jax is imported below, after the platform is set)
+from ml_collections import config_flags  # noqa: E402
 
-def main(argv: Optional[list[str]] = None) -> None:
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+from mla_jax import aot, cli  # noqa: E402
 
-  from mla_jax import aot, cli  # pylint: disable=g-import-not-at-top
 
+def main(argv: list[str] | None = None) -> None:
   config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/mla.py[:arg].", lock_config=True)
-  flags.DEFINE_string("topology", None, "TPU topology GENERATION:AxB[xC], e.g. v5e:2x2, v6e:4x4, v4:2x2x1, "
-                      "v5p:4x4x4 (generations: " + ", ".join(aot.TPU_CHIPS) + ").")
+  flags.DEFINE_string(
+    "topology",
+    None,
+    "TPU topology GENERATION:AxB[xC], e.g. v5e:2x2, v6e:4x4, v4:2x2x1, "
+    "v5p:4x4x4 (generations: " + ", ".join(aot.TPU_CHIPS) + ").",
+  )
   flags.DEFINE_integer("decode_batch", 1, "Sequences of the compiled decode step (0: skip the decode step).")
-  flags.DEFINE_integer("decode_length", 0,
-                       "Context length (cache slots) of the decode step (0: model.max_seq_len).")
+  flags.DEFINE_integer("decode_length", 0, "Context length (cache slots) of the decode step (0: model.max_seq_len).")
   flags.mark_flags_as_required(["config", "topology"])
   cli.parse_flags(argv)
   f = flags.FLAGS

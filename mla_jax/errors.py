@@ -6,7 +6,6 @@ Every type here can be built from one message (libraries re-raise errors as `typ
 from __future__ import annotations
 
 import re
-from typing import Optional
 
 _CONFIG_ERROR_LINE = re.compile(r"config error: ([\w.\[\]-]+): (.+)")
 
@@ -23,7 +22,7 @@ class ConfigError(UserError, ValueError):
   from the text's last `config error: KEY: RULE` line, or are None with the text as the message.
   """
 
-  def __init__(self, key: str, rule: Optional[str] = None):
+  def __init__(self, key: str, rule: str | None = None):
     if rule is None:
       key, rule, message = _parse_config_error(key)
     else:
@@ -49,7 +48,7 @@ class TrainingError(UserError, RuntimeError):
   """Training cannot go on (e.g. too many consecutive non-finite updates). The message names the step."""
 
 
-def _parse_config_error(text: str) -> tuple[Optional[str], Optional[str], str]:
+def _parse_config_error(text: str) -> tuple[str | None, str | None, str]:
   """(key, rule, message) from a message that may carry a traceback ending in a ConfigError line."""
   for line in reversed(str(text).splitlines()):
     match = _CONFIG_ERROR_LINE.search(line)

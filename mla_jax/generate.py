@@ -14,290 +14,23 @@ sampled. Temperature 0 or top_k 1 is greedy and deterministic; sampling is deter
 
 from __future__ import annotations
 
-import os
-import sys
-import time
-from typing import Callable, Optional
-
-import etils.epath as epath
-import jax
-import jax.numpy as jnp
-import ml_collections
-import numpy as np
-import orbax.checkpoint as ocp
-from flax import linen as nn
+from absl import flags
+from ml_collections import config_flags
 
 from mla_jax import cache as cache_lib
-from mla_jax import checkpoint as ckpt_lib
 from mla_jax import cli
-from mla_jax import config as config_lib
-from mla_jax.data import load_tokenizer
-from mla_jax.errors import CheckpointError, UserError
-from mla_jax.model import LanguageModel
-from mla_jax.sampling import sample_logits
-from mla_jax.train import resolve_model_config
+from mla_jax.decode import generate_text, report_cache
+from mla_jax.errors import UserError
 
 
-def abstract_variables(cfg: config_lib.ModelConfig) -> dict:
-  """ShapeDtypeStructs of {'params': ..., 'model_state': {collection: ...}} from `jax.eval_shape`."""
-  shapes = nn.meta.unbox(jax.eval_shape(LanguageModel(cfg).init, jax.random.PRNGKey(0),
-                                        jnp.zeros((1, 8), jnp.int32)))
-  sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  shapes = jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes)
-  return {"params": shapes["params"], "model_state": {k: v for k, v in shapes.items() if k != "params"}}
-
-
-def _check_matches(saved: dict, target: dict, where: str) -> None:
-  """Raises CheckpointError naming the first parameter that is missing, unexpected or differently shaped."""
-  flat = lambda tree: {"/".join(str(getattr(k, "key", k)) for k in path): leaf
-                       for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
-  saved_flat, target_flat = flat(saved), flat(target)
-  shapes = lambda tree, name: tuple(tree[name].shape)
-  reshaped = [f"{n} is {shapes(saved_flat, n)} in the checkpoint and {shapes(target_flat, n)} in the config"
-              for n in sorted(set(saved_flat) & set(target_flat)) if shapes(saved_flat, n) != shapes(target_flat, n)]
-  missing = [f"{n} is not in the checkpoint" for n in sorted(set(target_flat) - set(saved_flat))]
-  extra = [f"the checkpoint has {n}, which the config does not" for n in sorted(set(saved_flat) - set(target_flat))]
-  problems = reshaped + missing + extra
-  if problems:
-    raise CheckpointError(f"{where}: parameters do not match the config: {problems[0]} ({len(reshaped)} "
-                          f"differently shaped, {len(missing)} missing, {len(extra)} unexpected)")
-
-
-def load(workdir: str, config: Optional[ml_collections.ConfigDict] = None):
-  """(config, model config, variables, tokenizer, step) from the latest checkpoint in `workdir`.
-
-  Only the parameters and the non-trainable model state are read (no optimizer state).
-  """
-  if not workdir or not os.path.isdir(workdir):
-    raise CheckpointError(f"{workdir}: workdir does not exist")
-  directory = ckpt_lib.checkpoint_dir(workdir)
-  if not os.path.isdir(directory):
-    raise CheckpointError(f"{workdir}: no checkpoints (expected {directory}/<step>)")
-  checkpointer = ckpt_lib.Checkpointer(workdir, async_save=False)
-  try:
-    step = checkpointer.latest_step()
-    if step is None:
-      raise CheckpointError(f"{directory}: no complete checkpoint")
-    where = f"{directory}/{step}"
-    if config is None:
-      try:
-        meta = checkpointer.restore_meta(step)
-      except Exception as e:  # orbax raises many types for a damaged metadata file
-        raise CheckpointError(f"{where}: unreadable checkpoint metadata ({cli.one_line(e)})") from e
-      config = ckpt_lib.config_from_meta(meta)
-  finally:
-    checkpointer.close()
-  config_lib.validate(config)
-  tokenizer = load_tokenizer(config.data.tokenizer)
-  cfg = resolve_model_config(config, tokenizer)
-  target = abstract_variables(cfg)
-  state_dir = epath.Path(where) / "state"
-  try:
-    saved = ocp.PyTreeCheckpointHandler().metadata(state_dir).tree
-  except Exception as e:
-    raise CheckpointError(f"{where}: unreadable checkpoint ({cli.one_line(e)})") from e
-  if not isinstance(saved, dict) or "params" not in saved:
-    raise CheckpointError(f"{where}: the saved state holds no parameters")
-  _check_matches(saved["params"], target["params"], where)
-  _check_matches(saved.get("model_state") or {}, target["model_state"], where)
-  try:
-    restored = ocp.PyTreeCheckpointer().restore(state_dir, args=ocp.args.PyTreeRestore(
-        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True))
-  except Exception as e:
-    raise CheckpointError(f"{where}: could not restore the parameters ({cli.one_line(e)})") from e
-  variables = {"params": restored["params"], **(restored.get("model_state") or {})}
-  return config, cfg, variables, tokenizer, step
-
-
-class Decoder:
-  """Jitted prefill and single-token decode step for one model, sampling settings and batch size."""
-
-  def __init__(self, cfg: config_lib.ModelConfig, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-               mla_decode: str = "absorbed"):
-    self.cfg, self.mla_decode = cfg, mla_decode
-    model = LanguageModel(cfg)
-    sample = lambda logits_BV, rng: sample_logits(logits_BV, rng, temperature, top_k, top_p)
-
-    def prefill(variables, tokens_BT, caches, rng):
-      B, T = tokens_BT.shape
-      positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-      logits_BTV, _, caches = model.apply(variables, tokens_BT, positions_BT, caches)
-      return sample(logits_BTV[:, -1], jax.random.fold_in(rng, T - 1)), caches
-
-    def step(variables, token_B, position, caches, rng):
-      B = token_B.shape[0]
-      positions_B1 = jnp.full((B, 1), position, jnp.int32)
-      logits_B1V, _, caches = model.apply(variables, token_B[:, None], positions_B1, caches)
-      return sample(logits_B1V[:, 0], jax.random.fold_in(rng, position)), caches
-
-    self.prefill = jax.jit(prefill, donate_argnums=(2,))
-    self.step = jax.jit(step, donate_argnums=(3,))
-
-  def compile(self, variables, batch: int, prompt_len: int, max_len: int, rng):
-    """Compiles the prefill for this prompt length and the step for this cache length (no execution)."""
-    caches = jax.eval_shape(lambda: cache_lib.init_caches(self.cfg, batch, max_len, mla_decode=self.mla_decode))
-    tokens = jax.ShapeDtypeStruct((batch, prompt_len), jnp.int32)
-    prefill = self.prefill.lower(variables, tokens, caches, rng).compile()
-    step = self.step.lower(variables, jax.ShapeDtypeStruct((batch,), jnp.int32),
-                           jax.ShapeDtypeStruct((), jnp.int32), caches, rng).compile()
-    return prefill, step
-
-  def generate(self, variables, prompt_ids, max_new_tokens: int, rng, batch: int = 1, max_len: int = 0,
-               eos_id: Optional[int] = None, on_token: Optional[Callable[[np.ndarray], None]] = None):
-    """Returns (new tokens [batch, n] int32, stats). `on_token` receives each step's tokens [batch].
-
-    The caches hold len(prompt) + max_new_tokens slots (at most max_len). Generation stops early once
-    every row has produced `eos_id` (tokens after a row's eos are dropped from its text, not from the array).
-    """
-    prompt = np.asarray(prompt_ids, np.int32).reshape(-1)
-    P = len(prompt)
-    max_len = max_len or self.cfg.max_seq_len
-    if P == 0:
-      raise UserError("the prompt has no tokens")
-    if P >= max_len:
-      raise UserError(f"the prompt has {P} tokens but the maximum length is {max_len}: nothing can be generated "
-                      "(shorten the prompt or raise --max_len)")
-    new = min(max_new_tokens, max_len - P)
-    if new <= 0:
-      return np.zeros((batch, 0), np.int32), {}
-    S = P + new
-    t0 = time.perf_counter()
-    prefill, step = self.compile(variables, batch, P, S, rng)
-    compile_s = time.perf_counter() - t0
-    caches = cache_lib.init_caches(self.cfg, batch, S, mla_decode=self.mla_decode)
-    tokens_BT = jnp.asarray(np.broadcast_to(prompt, (batch, P)))
-    t0 = time.perf_counter()
-    token_B, caches = prefill(variables, tokens_BT, caches, rng)
-    token_B = np.asarray(token_B)
-    prefill_s = time.perf_counter() - t0
-    out = [token_B]
-    if on_token:
-      on_token(token_B)
-    done_B = token_B == eos_id
-    t0 = time.perf_counter()
-    for position in range(P, S - 1):
-      if done_B.all():
-        break
-      token_B, caches = step(variables, jnp.asarray(token_B), jnp.int32(position), caches, rng)
-      token_B = np.asarray(token_B)
-      out.append(token_B)
-      done_B |= token_B == eos_id
-      if on_token:
-        on_token(token_B)
-    decode_s = time.perf_counter() - t0
-    steps = len(out) - 1
-    stats = {"compile_s": compile_s, "prefill_s": prefill_s, "prefill_tokens_per_s": batch * P / prefill_s,
-             "decode_steps": steps, "decode_s": decode_s,
-             "decode_tokens_per_s": batch * steps / decode_s if steps else float("nan"), "cache_len": S}
-    return np.stack(out, axis=1), stats
-
-
-class TextStream:
-  """Prints the decoded text of row 0 as tokens arrive (held back while a UTF-8 character is incomplete)."""
-
-  def __init__(self, tokenizer, stream=sys.stdout, eos_id: Optional[int] = None):
-    self.tokenizer, self.stream, self.eos_id = tokenizer, stream, eos_id
-    self.ids: list[int] = []
-    self.printed = 0
-    self.stopped = False
-
-  def __call__(self, token_B: np.ndarray) -> None:
-    if self.stopped:
-      return
-    token = int(token_B[0])
-    if token == self.eos_id:
-      self.stopped = True
-      return
-    self.ids.append(token)
-    text = self.tokenizer.decode(self.ids)
-    if text.endswith("\ufffd"):
-      return
-    self.stream.write(text[self.printed:])
-    self.stream.flush()
-    self.printed = len(text)
-
-  def finish(self) -> None:
-    text = self.tokenizer.decode(self.ids)
-    self.stream.write(text[self.printed:] + "\n")
-    self.stream.flush()
-
-
-def _row_text(tokenizer, ids, eos_id) -> str:
-  ids = [int(t) for t in ids]
-  if eos_id is not None and eos_id in ids:
-    ids = ids[:ids.index(eos_id)]
-  return tokenizer.decode(ids)
-
-
-def run_generate(workdir: str, prompt: str, max_new_tokens: int = 200, temperature: float = 0.8, top_k: int = 40,
-                 top_p: float = 1.0, seed: int = 0, batch: int = 1, max_len: int = 0, mla_decode: str = "absorbed",
-                 config: Optional[ml_collections.ConfigDict] = None, stream=sys.stdout, log=sys.stderr):
-  """Loads `workdir`, streams row 0's continuation of `prompt` to `stream`, and returns every row's text."""
-  if batch < 1:
-    raise UserError(f"--batch must be positive, got {batch}")
-  if max_new_tokens < 0 or max_len < 0:
-    raise UserError("--max_new_tokens and --max_len must be >= 0")
-  if mla_decode not in cache_lib.MLA_DECODE_MODES:
-    raise UserError(f"--mla_decode must be one of {', '.join(cache_lib.MLA_DECODE_MODES)}, got {mla_decode!r}")
-  if not 0.0 < top_p <= 1.0:
-    raise UserError(f"--top_p must be in (0, 1], got {top_p}")
-  _, cfg, variables, tokenizer, step = load(workdir, config)
-  eos_id = getattr(tokenizer, "eos_id", None)
-  ids = tokenizer.encode(prompt)
-  if len(ids) == 0 and eos_id is not None:
-    ids = np.asarray([eos_id], np.int32)  # an empty prompt starts a new document
-  max_len = max_len or cfg.max_seq_len
-  if len(ids) >= max_len:
-    raise UserError(f"the prompt has {len(ids)} tokens but the maximum length is {max_len}: nothing can be "
-                    "generated (shorten the prompt or raise --max_len)")
-  kinds = ", ".join(sorted({cfg.mixer_kind(i) for i in range(cfg.num_layers)}))
-  greedy = temperature <= 0 or top_k == 1
-  sampling = "greedy" if greedy else f"temperature {temperature}, top_k {top_k}, top_p {top_p}"
-  log.write(f"Loaded step {step} from {workdir}: {cfg.num_layers} layers ({kinds}), vocab {cfg.vocab_size}; "
-            f"prompt {len(ids)} tokens; {sampling}{f'; MLA {mla_decode} decode' if cfg.use_mla else ''}\n")
-  if len(ids) + max_new_tokens > max_len:
-    log.write(f"generating {max_len - len(ids)} tokens: the maximum length is {max_len}\n")
-  log.flush()
-  decoder = Decoder(cfg, temperature, top_k, top_p, mla_decode)
-  text_stream = TextStream(tokenizer, stream, eos_id)
-  stream.write(prompt)
-  stream.flush()
-  tokens, stats = decoder.generate(variables, ids, max_new_tokens, jax.random.PRNGKey(seed), batch, max_len,
-                                   eos_id, text_stream)
-  text_stream.finish()
-  texts = [_row_text(tokenizer, row, eos_id) for row in tokens]
-  for b in range(1, batch):
-    stream.write(f"--- row {b} ---\n{prompt}{texts[b]}\n")
-  if stats:
-    cache_mib = cache_lib.cache_nbytes(
-        jax.eval_shape(lambda: cache_lib.init_caches(cfg, batch, stats["cache_len"]))) / 2**20
-    log.write(f"prefill: {batch} x {len(ids)} tokens in {stats['prefill_s'] * 1e3:.1f} ms "
-              f"({stats['prefill_tokens_per_s']:,.1f} tokens/s); decode: {batch} x {stats['decode_steps']} tokens "
-              f"in {stats['decode_s']:.2f} s ({stats['decode_tokens_per_s']:,.1f} tokens/s); cache "
-              f"{stats['cache_len']} slots, {cache_mib:.2f} MiB; compile {stats['compile_s']:.1f} s\n")
-    log.flush()
-  return texts
-
-
-def report_cache(config: ml_collections.ConfigDict, length: int, batch: int, stream=sys.stdout) -> str:
-  config_lib.validate(config)
-  if length <= 0 or batch <= 0:
-    raise UserError("--length and --batch must be positive")
-  tokenizer = load_tokenizer(config.data.tokenizer)
-  cfg = resolve_model_config(config, tokenizer)
-  text = cache_lib.cache_report(cfg, length, batch)
-  stream.write(text)
-  stream.flush()
-  return text
-
-
-def main(argv: Optional[list[str]] = None) -> None:
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-
-  config_flags.DEFINE_config_file("config", None, "Config file; with --workdir it replaces the config stored "
-                                   "with the checkpoint (its model must match the saved parameters).",
-                                   lock_config=True)
+def main(argv: list[str] | None = None) -> None:
+  config_flags.DEFINE_config_file(
+    "config",
+    None,
+    "Config file; with --workdir it replaces the config stored "
+    "with the checkpoint (its model must match the saved parameters).",
+    lock_config=True,
+  )
   flags.DEFINE_string("workdir", None, "Training workdir whose latest checkpoint is loaded.")
   flags.DEFINE_string("prompt", "", "Text to continue.")
   flags.DEFINE_integer("max_new_tokens", 200, "Tokens to generate.")
@@ -307,8 +40,12 @@ def main(argv: Optional[list[str]] = None) -> None:
   flags.DEFINE_integer("seed", 0, "Sampling seed.")
   flags.DEFINE_integer("batch", 1, "Sequences generated together from the same prompt.")
   flags.DEFINE_integer("max_len", 0, "Maximum prompt + generated length (0: model.max_seq_len).")
-  flags.DEFINE_enum("mla_decode", "absorbed", list(cache_lib.MLA_DECODE_MODES),
-                    "MLA decode: absorbed (latent attention) or expanded (rebuild K/V, the reference).")
+  flags.DEFINE_enum(
+    "mla_decode",
+    "absorbed",
+    list(cache_lib.MLA_DECODE_MODES),
+    "MLA decode: absorbed (latent attention) or expanded (rebuild K/V, the reference).",
+  )
   flags.DEFINE_bool("report_cache", False, "Print the decode-cache size table for --config and exit.")
   flags.DEFINE_integer("length", 2048, "Sequence length for --report_cache.")
   cli.parse_flags(argv)
@@ -322,8 +59,19 @@ def main(argv: Optional[list[str]] = None) -> None:
       return
     if not f.workdir:
       raise UserError("--workdir is required (or --config with --report_cache)")
-    run_generate(f.workdir, f.prompt, f.max_new_tokens, f.temperature, f.top_k, f.top_p, f.seed, f.batch,
-                 f.max_len, f.mla_decode, f.config)
+    generate_text(
+      f.workdir,
+      f.prompt,
+      f.max_new_tokens,
+      f.temperature,
+      f.top_k,
+      f.top_p,
+      f.seed,
+      f.batch,
+      f.max_len,
+      f.mla_decode,
+      f.config,
+    )
 
   cli.run(go)
 

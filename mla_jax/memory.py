@@ -4,70 +4,63 @@
 reuse donated inputs). `device_capacity_bytes` is the device's memory: `memory_stats()["bytes_limit"]` on
 GPU/TPU, the chip's HBM from `mla_jax.tpu_chips.TPU_CHIPS` for an abstract TPU topology device, and on CPU the
 host's available memory shared by its CPU devices. `select_remat` compiles the policies in
-`config.REMAT_POLICIES` order (least recomputation first) and returns the first that fits.
+`config.REMAT_POLICIES` order (least recomputation first) and returns the first that fits. The lines
+that show these numbers to a person are in `mla_jax.reports`.
 """
 
 from __future__ import annotations
 
 import os
 import re
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import jax
 
 from mla_jax.config import REMAT_POLICIES
 from mla_jax.errors import UserError
+from mla_jax.reports import fmt_bytes
 from mla_jax.tpu_chips import chip_for_device
 
 
 class DoesNotFitError(UserError):
   """The compiled step needs more memory than the device has. `table` holds each compiled policy's numbers."""
 
-  def __init__(self, message: str, needed: int = 0, capacity: int = 0, table: Optional[list] = None,
-               compiled=None, policy: str = ""):
+  def __init__(
+    self, message: str, needed: int = 0, capacity: int = 0, table: list | None = None, compiled=None, policy: str = ""
+  ):
     super().__init__(message)
     self.needed, self.capacity, self.table, self.compiled = needed, capacity, table or [], compiled
     self.policy = policy  # the policy that needs least (whose program `compiled` is, None if refused)
 
 
-def fmt_bytes(n: float) -> str:
-  return f"{n / 2**30:,.2f} GiB" if abs(n) >= 2**30 else f"{n / 2**20:,.1f} MiB"
-
-
-def memory_stats(compiled) -> Optional[dict]:
+def memory_stats(compiled) -> dict | None:
   """{arguments, outputs, aliased, temporaries, total} bytes per device (None when not reported)."""
   stats = None if compiled is None else compiled.memory_analysis()
   if stats is None:
     return None
-  out = {"arguments": int(stats.argument_size_in_bytes), "outputs": int(stats.output_size_in_bytes),
-         "aliased": int(stats.alias_size_in_bytes), "temporaries": int(stats.temp_size_in_bytes)}
+  out = {
+    "arguments": int(stats.argument_size_in_bytes),
+    "outputs": int(stats.output_size_in_bytes),
+    "aliased": int(stats.alias_size_in_bytes),
+    "temporaries": int(stats.temp_size_in_bytes),
+  }
   out["total"] = out["arguments"] + out["outputs"] + out["temporaries"] - out["aliased"]
   return out
 
 
-def compiled_bytes(compiled) -> Optional[int]:
+def compiled_bytes(compiled) -> int | None:
   """arguments + outputs + temporaries - aliased bytes per device (None when not reported)."""
   stats = memory_stats(compiled)
   return None if stats is None else stats["total"]
 
 
-def memory_report(compiled) -> str:
-  """One line: per-device memory of a compiled program from XLA's `memory_analysis()`."""
-  s = memory_stats(compiled)
-  if s is None:
-    return "Memory per device: not reported by this backend"
-  return (f"Memory per device: arguments {fmt_bytes(s['arguments'])}, outputs {fmt_bytes(s['outputs'])} "
-          f"({fmt_bytes(s['aliased'])} reusing donated inputs), temporaries {fmt_bytes(s['temporaries'])}; "
-          f"total {fmt_bytes(s['total'])}")
-
-
-def flops(compiled) -> Optional[float]:
+def flops(compiled) -> float | None:
   """XLA's FLOP count per device for one call (None when not reported)."""
   if compiled is None:
     return None
   try:
     analysis = compiled.cost_analysis()
-  except Exception:  # pylint: disable=broad-except
+  except Exception:
     return None
   if isinstance(analysis, (list, tuple)):
     analysis = analysis[0] if analysis else None
@@ -95,14 +88,13 @@ def device_capacity_bytes(device: jax.Device) -> int:
     return _host_available_bytes() // max(len(jax.local_devices(backend="cpu")), 1)
   try:
     stats = device.memory_stats()
-  except Exception:  # pylint: disable=broad-except
+  except Exception:
     stats = None
   if stats and stats.get("bytes_limit"):
     return int(stats["bytes_limit"])
   if device.platform == "tpu":
     return chip_for_device(device).hbm_bytes
-  raise UserError(f"cannot tell how much memory {device.device_kind} has (memory_stats() reports no "
-                  "bytes_limit)")
+  raise UserError(f"cannot tell how much memory {device.device_kind} has (memory_stats() reports no bytes_limit)")
 
 
 def capacity_source(device: jax.Device) -> str:
@@ -121,16 +113,23 @@ def fit_message(needed: int, capacity: int, where: str, policy: str, tried: tupl
   else:
     remat = f"model.remat={policy}"
     fix = "" if policy == REMAT_POLICIES[-1] else f", or set model.remat=auto or {REMAT_POLICIES[-1]}"
-  return (f"the train step does not fit in memory: it {need} per device and has {fmt_bytes(capacity)} "
-          f"({where}) with {remat}; lower trainer.batch_size or trainer.seq_len, or raise "
-          f"trainer.gradient_accumulation{fix}")
+  return (
+    f"the train step does not fit in memory: it {need} per device and has {fmt_bytes(capacity)} "
+    f"({where}) with {remat}; lower trainer.batch_size or trainer.seq_len, or raise "
+    f"trainer.gradient_accumulation{fix}"
+  )
 
 
 def _row(policy: str, compiled, capacity: int) -> dict:
   stats = memory_stats(compiled) or {}
   total = stats.get("total")
-  return {"policy": policy, "temporaries": stats.get("temporaries"), "total": total, "flops": flops(compiled),
-          "fits": total is None or total <= capacity}
+  return {
+    "policy": policy,
+    "temporaries": stats.get("temporaries"),
+    "total": total,
+    "flops": flops(compiled),
+    "fits": total is None or total <= capacity,
+  }
 
 
 def compile_or_refusal(compile_fn: Callable[[], object]):
@@ -138,25 +137,25 @@ def compile_or_refusal(compile_fn: Callable[[], object]):
   (XLA:TPU's RESOURCE_EXHAUSTED at compile time; 0 when its message gives no size). Other errors raise."""
   try:
     return compile_fn(), None
-  except Exception as e:  # pylint: disable=broad-except
+  except Exception as e:
     text = str(e)
     if "RESOURCE_EXHAUSTED" not in text:
       raise
     match = re.search(r"required for [^(]*\(([\d.]+)([KMGT])\)", text)
-    return None, int(float(match.group(1)) * 2**(10 * "KMGT".index(match.group(2)) + 10)) if match else 0
+    return None, int(float(match.group(1)) * 2 ** (10 * "KMGT".index(match.group(2)) + 10)) if match else 0
 
 
 def _compile_checked(compile_for_policy: Callable[[str], object], policy: str, capacity: int):
   """(compiled or None, the policy's table row); a compiler refusal is a row that does not fit."""
   compiled, refused = compile_or_refusal(lambda: compile_for_policy(policy))
   if compiled is None:
-    return None, {"policy": policy, "temporaries": None, "total": refused or None, "flops": None,
-                  "fits": False}
+    return None, {"policy": policy, "temporaries": None, "total": refused or None, "flops": None, "fits": False}
   return compiled, _row(policy, compiled, capacity)
 
 
-def select_remat(compile_for_policy: Callable[[str], object], capacity_bytes: int,
-                 where: str = "the device", policies=REMAT_POLICIES):
+def select_remat(
+  compile_for_policy: Callable[[str], object], capacity_bytes: int, where: str = "the device", policies=REMAT_POLICIES
+):
   """Compiles `policies` in order (least recomputation first) and returns the first that fits:
   (policy, compiled, table) where table has one row per compiled policy: {policy, temporaries, total,
   flops, fits} (None where the backend reports nothing; a backend that reports no memory fits).
@@ -176,19 +175,11 @@ def select_remat(compile_for_policy: Callable[[str], object], capacity_bytes: in
   known = [i for i, r in enumerate(table) if r["total"] is not None]
   least = min(known, key=lambda i: table[i]["total"]) if known else len(table) - 1
   needed = table[least]["total"] or 0
-  raise DoesNotFitError(fit_message(needed, capacity_bytes, where, table[least]["policy"], tuple(policies)),
-                        needed, capacity_bytes, table, programs[least], table[least]["policy"])
-
-
-def choice_line(policy: str, table: list, capacity_bytes: int, auto: bool, where: str = "the device") -> str:
-  """'remat none: 3.10 GiB of 22.00 GiB per device (...)' for the chosen policy; with auto, also the
-  policies that did not fit."""
-  row = table[-1]
-  used = "size not reported" if row["total"] is None else fmt_bytes(row["total"])
-  text = f"remat {policy}: {used} of {fmt_bytes(capacity_bytes)} per device ({where})"
-  if auto:
-    skipped = [f"{r['policy']} needs {fmt_bytes(r['total'])}" if r["total"] else f"{r['policy']} is too large"
-               for r in table[:-1]]
-    text += "; model.remat=auto takes the least recomputation that fits" + (
-        f" ({', '.join(skipped)})" if skipped else "")
-  return text
+  raise DoesNotFitError(
+    fit_message(needed, capacity_bytes, where, table[least]["policy"], tuple(policies)),
+    needed,
+    capacity_bytes,
+    table,
+    programs[least],
+    table[least]["policy"],
+  )

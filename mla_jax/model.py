@@ -7,7 +7,7 @@ the FFN is SwiGLU, MoE or absent (Mamba2 layers without `mamba_ffn`), all chosen
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -17,8 +17,11 @@ from flax import linen as nn
 from mla_jax.config import ModelConfig
 from mla_jax.layers.attention import GQA
 from mla_jax.layers.common import Dense, RMSNorm, compute_dtype, param_role
+from mla_jax.layers.mamba2 import Mamba2Mixer, mamba2_flops_per_token
 from mla_jax.layers.mla import MLA
 from mla_jax.layers.mlp import SwiGLU
+from mla_jax.layers.moe import MoE
+from mla_jax.pytree import path_names
 
 ACTIVATION_AXES = ("batch", "activation_length", "activation_embed")
 
@@ -28,7 +31,6 @@ def _mixer(kind: str):
     return MLA
   if kind == "gqa":
     return GQA
-  from mla_jax.layers.mamba2 import Mamba2Mixer  # pylint: disable=g-import-not-at-top
   return Mamba2Mixer
 
 
@@ -39,19 +41,20 @@ class Block(nn.Module):
   layer: int
 
   @nn.compact
-  def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array, cache: Optional[Any] = None):
+  def __call__(
+    self, x_BTD: jax.Array, positions_BT: jax.Array, cache: Any | None = None, segment_ids_BT: jax.Array | None = None
+  ):
     cfg = self.cfg
     dtype = compute_dtype(cfg.dtype)
     kind = cfg.mixer_kind(self.layer)
     h_BTD = RMSNorm(cfg.rms_norm_eps, dtype, name="mixer_norm")(x_BTD)
-    y_BTD, new_cache = _mixer(kind)(cfg, name=kind)(h_BTD, positions_BT, cache)
+    y_BTD, new_cache = _mixer(kind)(cfg, name=kind)(h_BTD, positions_BT, cache, segment_ids_BT=segment_ids_BT)
     x_BTD = nn.with_logical_constraint(x_BTD + y_BTD, ACTIVATION_AXES)
     aux = {}
     ffn = cfg.ffn_kind(self.layer)
     if ffn is not None:
       h_BTD = RMSNorm(cfg.rms_norm_eps, dtype, name="ffn_norm")(x_BTD)
       if ffn == "moe":
-        from mla_jax.layers.moe import MoE  # pylint: disable=g-import-not-at-top
         y_BTD, aux = MoE(cfg, name="moe")(h_BTD)
       else:
         y_BTD = SwiGLU(cfg, name="mlp")(h_BTD)
@@ -91,25 +94,34 @@ class SuperBlock(nn.Module):
   period: int
 
   @nn.compact
-  def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array):
+  def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array, segment_ids_BT: jax.Array | None = None):
     auxes = []
     for j in range(self.period):
-      x_BTD, _, aux = Block(self.cfg, j, name=f"layer_{j}")(x_BTD, positions_BT)
+      x_BTD, _, aux = Block(self.cfg, j, name=f"layer_{j}")(x_BTD, positions_BT, None, segment_ids_BT)
       auxes.append(aux)
     return x_BTD, auxes
 
 
-def scanned_blocks(cfg: ModelConfig, x_BTD: jax.Array, positions_BT: jax.Array) -> tuple[jax.Array, list[dict]]:
+def scanned_blocks(
+  cfg: ModelConfig, x_BTD: jax.Array, positions_BT: jax.Array, segment_ids_BT: jax.Array | None = None
+) -> tuple[jax.Array, list[dict]]:
   """Runs the stack as nn.scan over its repeating super-block (params stacked on a leading 'layers'
   axis), so the compiled program holds one super-block whatever the depth. Returns per-layer MoE aux."""
   period = cfg.scan_period
   repeats = cfg.num_layers // period
   body = _rematted(SuperBlock, cfg, scanned=True)
-  scan = nn.scan(body, variable_axes={"params": 0}, split_rngs={"params": True},
-                 in_axes=(nn.broadcast,), length=repeats, metadata_params={nn.PARTITION_NAME: "layers"})
-  x_BTD, auxes = scan(cfg, period, name="layers")(x_BTD, positions_BT)
-  layer_aux = [jax.tree_util.tree_map(lambda a, r=r: a[r], auxes[j])
-               for r in range(repeats) for j in range(period) if auxes[j]]
+  scan = nn.scan(
+    body,
+    variable_axes={"params": 0},
+    split_rngs={"params": True},
+    in_axes=(nn.broadcast, nn.broadcast),
+    length=repeats,
+    metadata_params={nn.PARTITION_NAME: "layers"},
+  )
+  x_BTD, auxes = scan(cfg, period, name="layers")(x_BTD, positions_BT, segment_ids_BT)
+  layer_aux = [
+    jax.tree_util.tree_map(lambda a, r=r: a[r], auxes[j]) for r in range(repeats) for j in range(period) if auxes[j]
+  ]
   return x_BTD, layer_aux
 
 
@@ -117,7 +129,10 @@ class LanguageModel(nn.Module):
   """tokens [B, T] -> (logits [B, T, V] float32, aux, new_caches).
 
   `positions_BT` defaults to 0..T-1. `caches` (one entry per layer, see mla_jax.cache) switches the
-  mixers to incremental decoding; without it the whole sequence is processed at once. With
+  mixers to incremental decoding; without it the whole sequence is processed at once. Packed rows
+  (several documents per row, mla_jax.data.packing) pass `segment_ids_BT` [B, T], one id per document,
+  with positions restarting at 0 in each: attention stays inside a document and Mamba2's conv window
+  and state restart at each document start (not with caches: a cache holds one document per row). With
   `return_hidden` the first output is the final-normed hidden states [B, T, D] in the compute dtype
   instead of the logits (the LM head is not applied; `lm_head_weight` gives its weight), for a loss
   that applies the head chunk by chunk (mla_jax.ops.cross_entropy).
@@ -126,28 +141,40 @@ class LanguageModel(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, tokens_BT: jax.Array, positions_BT: Optional[jax.Array] = None,
-               caches: Optional[list] = None, return_hidden: bool = False):
+  def __call__(
+    self,
+    tokens_BT: jax.Array,
+    positions_BT: jax.Array | None = None,
+    caches: list | None = None,
+    return_hidden: bool = False,
+    segment_ids_BT: jax.Array | None = None,
+  ):
     cfg = self.cfg
     dtype = compute_dtype(cfg.dtype)
     B, T = tokens_BT.shape
+    if segment_ids_BT is not None and caches is not None:
+      raise ValueError("segment ids are for packed rows without caches (a cache holds one document per row)")
     if positions_BT is None:
       positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
     embed_std = cfg.hidden_size**-0.5 if cfg.tie_embeddings else 1.0
     embedding_VD = self.param(
-        "embedding", nn.with_logical_partitioning(nn.initializers.normal(embed_std), ("vocab", "embed")),
-        (cfg.vocab_size, cfg.hidden_size), jnp.float32)
+      "embedding",
+      nn.with_logical_partitioning(nn.initializers.normal(embed_std), ("vocab", "embed")),
+      (cfg.vocab_size, cfg.hidden_size),
+      jnp.float32,
+    )
     x_BTD = nn.with_logical_constraint(jnp.take(embedding_VD, tokens_BT, axis=0).astype(dtype), ACTIVATION_AXES)
     new_caches, layer_aux = [], []
     if cfg.scan_layers:
       if caches is not None:
         raise ValueError("decoding with caches needs unscanned layers: set model.scan_layers=False")
-      x_BTD, layer_aux = scanned_blocks(cfg, x_BTD, positions_BT)
+      x_BTD, layer_aux = scanned_blocks(cfg, x_BTD, positions_BT, segment_ids_BT)
     # Decoding with caches never differentiates, so it runs the plain blocks.
     block_cls = Block if caches is not None else _rematted(Block, cfg, scanned=False)
     for i in range(0 if cfg.scan_layers else cfg.num_layers):
-      x_BTD, new_cache, aux = block_cls(cfg, i, name=f"layer_{i}")(x_BTD, positions_BT,
-                                                                   None if caches is None else caches[i])
+      x_BTD, new_cache, aux = block_cls(cfg, i, name=f"layer_{i}")(
+        x_BTD, positions_BT, None if caches is None else caches[i], segment_ids_BT
+      )
       new_caches.append(new_cache)
       if aux:
         layer_aux.append(aux)
@@ -173,11 +200,21 @@ def merge_moe_aux(layer_aux: list[dict]) -> dict:
   if not layer_aux:
     return {}
   return {
-      "load_balance": jnp.mean(jnp.stack([a["load_balance"] for a in layer_aux])),
-      "router_z": jnp.mean(jnp.stack([a["router_z"] for a in layer_aux])),
-      "dropped_fraction": jnp.mean(jnp.stack([a["dropped_fraction"] for a in layer_aux])),
-      "load": jnp.stack([a["load"] for a in layer_aux]),  # [moe_layers, E]
+    "load_balance": jnp.mean(jnp.stack([a["load_balance"] for a in layer_aux])),
+    "router_z": jnp.mean(jnp.stack([a["router_z"] for a in layer_aux])),
+    "dropped_fraction": jnp.mean(jnp.stack([a["dropped_fraction"] for a in layer_aux])),
+    "load": jnp.stack([a["load"] for a in layer_aux]),  # [moe_layers, E]
   }
+
+
+def abstract_variables(cfg: ModelConfig, seq_len: int = 8) -> tuple[dict, dict, dict]:
+  """(params, their logical PartitionSpecs, the other collections), all as ShapeDtypeStructs from
+  `jax.eval_shape` of `LanguageModel(cfg).init`: nothing is computed or allocated."""
+  tokens = jax.ShapeDtypeStruct((1, min(seq_len, cfg.max_seq_len)), jnp.int32)
+  boxed = jax.eval_shape(LanguageModel(cfg).init, jax.random.PRNGKey(0), tokens)
+  specs = nn.get_partition_spec(boxed)["params"]
+  variables = nn.meta.unbox(boxed)
+  return variables["params"], specs, {k: v for k, v in variables.items() if k != "params"}
 
 
 def init_params(cfg: ModelConfig, rng: jax.Array, seq_len: int = 8):
@@ -200,10 +237,6 @@ def forward(cfg, params, token_ids) -> jax.Array:
   return logits
 
 
-def _path_names(path) -> list[str]:
-  return [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
-
-
 def count_params(cfg: ModelConfig, params) -> dict[str, int]:
   """Total, active-per-token (MoE: k routed + shared experts) and per-kind parameter counts.
 
@@ -211,7 +244,7 @@ def count_params(cfg: ModelConfig, params) -> dict[str, int]:
   dt_bias), by role (`layers.common.param_role`), so stacked (scanned) layers count the same."""
   counts: dict[str, int] = {"total": 0, "active": 0, "vectors": 0}
   for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-    names = _path_names(path)
+    names = path_names(path)
     n = int(np.prod(leaf.shape))
     kind = next((k for k in ("mla", "gqa", "mamba2", "moe", "mlp") if k in names), None)
     if kind is None:
@@ -243,6 +276,5 @@ def flops_per_token(cfg: ModelConfig, params, seq_len: int) -> dict[str, float]:
     elif kind == "gqa":
       attn += 3 * 2 * cfg.num_heads * 2 * cfg.head_dim * seq_len / 2
     else:
-      from mla_jax.layers.mamba2 import mamba2_flops_per_token  # pylint: disable=g-import-not-at-top
       ssd += 3 * mamba2_flops_per_token(cfg, seq_len)
   return {"matmul": 6.0 * matmul, "attention": attn, "ssd": ssd, "total": 6.0 * matmul + attn + ssd}

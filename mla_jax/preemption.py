@@ -14,7 +14,6 @@ import signal
 import socket
 import sys
 import threading
-from typing import Optional
 
 from mla_jax.errors import TrainingError
 
@@ -31,7 +30,7 @@ class StopSignals:
   """
 
   def __init__(self):
-    self.received: Optional[str] = None
+    self.received: str | None = None
     self._previous = {}
     self._wakeup = None  # (reader, writer) sockets and the previous wakeup fd while the watcher runs
     self._seen = 0
@@ -50,8 +49,7 @@ class StopSignals:
     if self._seen == 1:
       again = "; press Ctrl-C again to stop at once without saving" if signum == signal.SIGINT else ""
       name = "Ctrl-C (SIGINT)" if signum == signal.SIGINT else signal.Signals(signum).name
-      stream.write(f"\n{name} received: finishing the current step and writing a checkpoint, then "
-                   f"exiting{again}.\n")
+      stream.write(f"\n{name} received: finishing the current step and writing a checkpoint, then exiting{again}.\n")
       stream.flush()
     elif signum == signal.SIGINT:
       stream.write("\nSecond Ctrl-C: stopping now without saving (the last complete checkpoint is kept).\n")
@@ -71,7 +69,7 @@ class StopSignals:
         if signum in SIGNALS:
           self._report(signum)
 
-  def __enter__(self) -> "StopSignals":
+  def __enter__(self) -> StopSignals:
     if threading.current_thread() is not threading.main_thread():  # signal handlers live in the main thread
       return self
     reader, writer = socket.socketpair()
@@ -126,12 +124,15 @@ class NonFiniteGuard:
       self.consecutive += 1
       self.total += 1
       if self.report:
-        self.report(f"step {step}: non-finite loss or gradient, update skipped "
-                    f"({self.consecutive} in a row, limit {self.limit})")
+        self.report(
+          f"step {step}: non-finite loss or gradient, update skipped ({self.consecutive} in a row, limit {self.limit})"
+        )
       if self.consecutive >= self.limit:
-        raise TrainingError(f"step {step}: {self.consecutive} consecutive non-finite updates "
-                            f"(trainer.max_skipped_steps={self.limit}); stopping without saving over the "
-                            "last good checkpoint; lower trainer.learning_rate or check the data")
+        raise TrainingError(
+          f"step {step}: {self.consecutive} consecutive non-finite updates "
+          f"(trainer.max_skipped_steps={self.limit}); stopping without saving over the "
+          "last good checkpoint; lower trainer.learning_rate or check the data"
+        )
     else:
       self.consecutive = 0
 
@@ -141,9 +142,10 @@ def exit_code(signal_name: str) -> int:
   return 128 + int(signal.Signals[signal_name])
 
 
-def resume_command(workdir: str, argv: Optional[list[str]] = None) -> str:
+def resume_command(workdir: str, argv: list[str] | None = None) -> str:
   """The command line that resumes this run: the original flags when known, else the workdir alone."""
   if argv:
     return shlex.join([sys.executable, "-m", "mla_jax.train", *argv])
-  return shlex.join([sys.executable, "-m", "mla_jax.train", "--config=<the same config>",
-                     f"--workdir={os.path.abspath(workdir)}"])
+  return shlex.join(
+    [sys.executable, "-m", "mla_jax.train", "--config=<the same config>", f"--workdir={os.path.abspath(workdir)}"]
+  )

@@ -7,8 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def sample_logits(logits_BV: jax.Array, rng: jax.Array, temperature: float = 1.0, top_k: int = 0,
-                  top_p: float = 1.0) -> jax.Array:
+def sample_logits(
+  logits_BV: jax.Array, rng: jax.Array, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0
+) -> jax.Array:
   """Draws one token per row. temperature 0 (or top_k 1) is greedy argmax."""
   if temperature <= 0.0 or top_k == 1:
     return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
@@ -26,16 +27,17 @@ def sample_logits(logits_BV: jax.Array, rng: jax.Array, temperature: float = 1.0
   return jax.random.categorical(rng, logits_BV, axis=-1).astype(jnp.int32)
 
 
-def sample_without_cache(model, variables, prompt_ids, max_new_tokens: int, rng: jax.Array,
-                         temperature: float, top_k: int, max_len: int) -> list[int]:
+def sample_without_cache(
+  model, variables, prompt_ids, max_new_tokens: int, rng: jax.Array, temperature: float, top_k: int, max_len: int
+) -> list[int]:
   """Re-runs the full forward pass on a fixed-size buffer per token: one compilation, no cache.
 
-  Used for the short sample at the end of training; `mla_jax.generate` decodes with caches.
+  Used for the short sample at the end of training; `mla_jax.decode` decodes with caches.
   """
-  prompt = list(int(t) for t in prompt_ids)[-max_len + 1:] or [0]
+  prompt = list(int(t) for t in prompt_ids)[-max_len + 1 :] or [0]
   length = min(max_len, len(prompt) + max_new_tokens)
   buf = np.zeros((1, length), np.int32)
-  buf[0, :len(prompt)] = prompt
+  buf[0, : len(prompt)] = prompt
 
   # The variables are an argument, not a closure: sharded over several processes they cannot be constants.
   @jax.jit

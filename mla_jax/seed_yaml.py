@@ -44,7 +44,7 @@ def config_from_mapping(raw: dict, path: str) -> ml_collections.ConfigDict:
       raise ConfigError(section, f"must be a mapping in {path}")
     overrides[section] = ml_collections.ConfigDict(values)
   check_known_keys(overrides)
-  for section in overrides.keys():
+  for section in overrides:
     for key, value in overrides[section].items():
       default = config[section][key]
       if isinstance(default, tuple) and isinstance(value, list):

@@ -3,13 +3,14 @@
 `build(config, devices, vocab_size, total_steps)` makes the model, optimizer and schedule, the sharding
 plan over a mesh of `devices` (real devices, or an abstract TPU topology's) and the jitted step;
 `compile(program)` lowers it on abstract arguments (shapes, dtypes and shardings, no data) and compiles it.
-`mla_jax.train` and `mla_jax.compile` both go through here, so they compile the same program.
+`mla_jax.trainer` and `mla_jax.compile` both go through here, so they compile the same program.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +21,8 @@ from jax.sharding import Mesh
 from mla_jax import config as config_lib
 from mla_jax import memory
 from mla_jax import sharding as sharding_lib
+from mla_jax import train_state as train_state_lib
+from mla_jax.data.packing import batch_dtypes
 from mla_jax.data.tokenizer import padded_vocab_size
 from mla_jax.errors import ConfigError
 from mla_jax.model import LanguageModel
@@ -30,8 +33,10 @@ from mla_jax.train_step import make_train_step
 def resolve_model_config(config: ml_collections.ConfigDict, tokenizer) -> config_lib.ModelConfig:
   """The ModelConfig for `tokenizer`: model.vocab_size, or the tokenizer's vocabulary padded to divide."""
   if config.model.vocab_size and config.model.vocab_size < tokenizer.vocab_size:
-    raise ConfigError("model.vocab_size", f"{config.model.vocab_size} is smaller than the tokenizer's "
-                      f"vocabulary ({tokenizer.vocab_size})")
+    raise ConfigError(
+      "model.vocab_size",
+      f"{config.model.vocab_size} is smaller than the tokenizer's vocabulary ({tokenizer.vocab_size})",
+    )
   return config_lib.ModelConfig.from_config(config, padded_vocab_size(tokenizer.vocab_size))
 
 
@@ -44,27 +49,38 @@ class Program:
   cfg: config_lib.ModelConfig
   tx: optax.GradientTransformation
   schedule: optax.Schedule
-  plan: sharding_lib.Plan
+  plan: train_state_lib.Plan
   step: Any
   seq_len: int
 
   def init_state(self, rng: jax.Array):
     """The initial TrainState, each device building only its own shards."""
-    return sharding_lib.init_state(self.model, self.tx, rng, self.seq_len, self.plan.state)
+    return train_state_lib.init_state(self.model, self.tx, rng, self.seq_len, self.plan.state)
 
   def abstract_args(self) -> tuple:
     """(state, batch) as ShapeDtypeStructs carrying the plan's shardings: what `step` is compiled for."""
-    shapes = jax.eval_shape(lambda rng: sharding_lib.init_state(self.model, self.tx, rng, self.seq_len),
-                            jax.ShapeDtypeStruct((2,), jnp.uint32))
+    shapes = jax.eval_shape(
+      lambda rng: train_state_lib.init_state(self.model, self.tx, rng, self.seq_len),
+      jax.ShapeDtypeStruct((2,), jnp.uint32),
+    )
     state = jax.tree_util.tree_map(
-        lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding, weak_type=s.weak_type),
-        shapes, self.plan.state)
-    tokens = jax.ShapeDtypeStruct((self.plan.batch_size, self.seq_len), jnp.int32, sharding=self.plan.batch)
-    return state, {"inputs": tokens, "targets": tokens}
+      lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding, weak_type=s.weak_type),
+      shapes,
+      self.plan.state,
+    )
+    shape = (self.plan.batch_size, self.seq_len)
+    dtypes = batch_dtypes(self.config.data.get("packing", "stream"))
+    return state, {k: jax.ShapeDtypeStruct(shape, dtype, sharding=self.plan.batch) for k, dtype in dtypes.items()}
 
 
-def build(config: ml_collections.ConfigDict, devices: Optional[Sequence[jax.Device]], vocab_size: int,
-          total_steps: int, mesh: Optional[Mesh] = None, remat: Optional[str] = None) -> Program:
+def build(
+  config: ml_collections.ConfigDict,
+  devices: Sequence[jax.Device] | None,
+  vocab_size: int,
+  total_steps: int,
+  mesh: Mesh | None = None,
+  remat: str | None = None,
+) -> Program:
   """The train step of `config` sharded over `devices` (default: all; or over `mesh` when given).
 
   `vocab_size` is used when model.vocab_size is 0 (see `resolve_model_config`); `total_steps` sets the
@@ -78,19 +94,25 @@ def build(config: ml_collections.ConfigDict, devices: Optional[Sequence[jax.Devi
   model = LanguageModel(cfg)
   schedule = make_schedule(config.trainer, total_steps)
   tx = make_optimizer(config.trainer, total_steps)
-  plan = sharding_lib.plan(config, model, tx, seq_len, mesh)
+  plan = train_state_lib.plan(config, model, tx, seq_len, mesh)
   step = make_train_step(config, model, tx, schedule, plan.state, plan.batch)
   return Program(config, model, cfg, tx, schedule, plan, step, seq_len)
 
 
-def compile(program: Program) -> jax.stages.Compiled:  # pylint: disable=redefined-builtin
+def compile(program: Program) -> jax.stages.Compiled:
   """The step lowered on `program.abstract_args()` and compiled for the plan's devices."""
   return program.step.lower(*program.abstract_args()).compile()
 
 
-def compile_to_fit(config: ml_collections.ConfigDict, devices: Optional[Sequence[jax.Device]],
-                   vocab_size: int, total_steps: int, capacity_bytes: int, mesh: Optional[Mesh] = None,
-                   where: str = "the device"):
+def compile_to_fit(
+  config: ml_collections.ConfigDict,
+  devices: Sequence[jax.Device] | None,
+  vocab_size: int,
+  total_steps: int,
+  capacity_bytes: int,
+  mesh: Mesh | None = None,
+  where: str = "the device",
+):
   """Builds and compiles the step under model.remat, checked against `capacity_bytes` per device.
 
   With model.remat=auto the policies are compiled in REMAT_POLICIES order until one fits

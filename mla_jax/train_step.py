@@ -5,50 +5,40 @@ router z-losses. With `trainer.loss_chunk_size` > 0 the cross-entropy is compute
 states in sequence chunks, recomputed in backward (mla_jax.ops.cross_entropy), so no [B, T, V] float32
 logits are kept. Gradient accumulation is real: micro-batch gradients are summed inside one step and one
 optimizer update is applied. A non-finite loss or gradient skips the update and is counted.
+`make_eval_step` and `evaluation_totals` give the summed validation loss of the same model.
 """
 
 from __future__ import annotations
 
-from typing import Any, Optional
-
-import flax
 import jax
 import jax.numpy as jnp
 import optax
 
+from mla_jax.layers.moe import update_aux_free_bias
 from mla_jax.model import lm_head_weight
 from mla_jax.ops import cross_entropy as ce_ops
-
-@flax.struct.dataclass
-class TrainState:
-  step: jax.Array
-  params: Any
-  opt_state: Any
-  model_state: Any  # non-trainable model variables (e.g. the MoE aux-free bias); {} when none
-  rng: jax.Array
-  skipped: jax.Array  # consecutive non-finite updates skipped so far
-
-  @classmethod
-  def create(cls, params, tx: optax.GradientTransformation, rng: jax.Array, model_state=None) -> "TrainState":
-    return cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-               model_state=model_state or {}, rng=rng, skipped=jnp.zeros((), jnp.int32))
+from mla_jax.sharding import activation_rules, axis_rules
+from mla_jax.train_state import TrainState
 
 
-def cross_entropy(logits_BTV: jax.Array, targets_BT: jax.Array, weights_BT: Optional[jax.Array] = None):
+def cross_entropy(logits_BTV: jax.Array, targets_BT: jax.Array, weights_BT: jax.Array | None = None):
   """(sum of token losses, sum of weights, sum of logsumexp^2) in float32."""
   return ce_ops.cross_entropy(logits_BTV, targets_BT, weights_BT)
 
 
 def model_cross_entropy(model, params, model_state, batch, chunk_tokens: int):
-  """Runs the model on batch["inputs"]: ((nll sum, weight sum, lse^2 sum), MoE aux). With chunk_tokens > 0
-  the LM head is applied chunk by chunk to the final hidden states (mla_jax.ops.cross_entropy)."""
+  """Runs the model on batch["inputs"] (with its "positions" and "segment_ids" when documents are packed):
+  ((nll sum, weight sum, lse^2 sum), MoE aux). With chunk_tokens > 0 the LM head is applied chunk by chunk
+  to the final hidden states (mla_jax.ops.cross_entropy)."""
   variables = {"params": params, **model_state}
+  packed = dict(positions_BT=batch.get("positions"), segment_ids_BT=batch.get("segment_ids"))
   if chunk_tokens <= 0:
-    logits, aux, _ = model.apply(variables, batch["inputs"])
+    logits, aux, _ = model.apply(variables, batch["inputs"], **packed)
     return cross_entropy(logits, batch["targets"], batch.get("weights")), aux
-  hidden, aux, _ = model.apply(variables, batch["inputs"], return_hidden=True)
-  sums = ce_ops.lm_cross_entropy(hidden, lm_head_weight(model.cfg, params), batch["targets"],
-                                 batch.get("weights"), chunk_tokens)
+  hidden, aux, _ = model.apply(variables, batch["inputs"], return_hidden=True, **packed)
+  sums = ce_ops.lm_cross_entropy(
+    hidden, lm_head_weight(model.cfg, params), batch["targets"], batch.get("weights"), chunk_tokens
+  )
   return sums, aux
 
 
@@ -76,8 +66,7 @@ def _accumulated_grads(loss_fn, params, model_state, batch, steps: int):
     return loss, metrics, grads
   # Micro-batch i takes rows i, i + steps, ...: each device's block of a row-sharded batch holds an equal
   # part of every micro-batch, so no micro-batch has to move between devices.
-  micro = jax.tree_util.tree_map(
-      lambda x: x.reshape((x.shape[0] // steps, steps) + x.shape[1:]).swapaxes(0, 1), batch)
+  micro = jax.tree_util.tree_map(lambda x: x.reshape((x.shape[0] // steps, steps) + x.shape[1:]).swapaxes(0, 1), batch)
 
   def body(carry, mb):
     loss_sum, grad_sum = carry
@@ -90,8 +79,15 @@ def _accumulated_grads(loss_fn, params, model_state, batch, steps: int):
   return loss_sum / steps, metrics, jax.tree_util.tree_map(lambda g: g / steps, grad_sum)
 
 
-def make_train_step(config, model, tx: optax.GradientTransformation, schedule: optax.Schedule,
-                    state_sharding=None, batch_sharding=None, donate: bool = True):
+def make_train_step(
+  config,
+  model,
+  tx: optax.GradientTransformation,
+  schedule: optax.Schedule,
+  state_sharding=None,
+  batch_sharding=None,
+  donate: bool = True,
+):
   """Returns jit(step)(state, batch) -> (state, metrics) with the state donated.
 
   A non-finite step keeps params, model state and the AdamW moments (and their bias-correction count)
@@ -100,7 +96,7 @@ def make_train_step(config, model, tx: optax.GradientTransformation, schedule: o
   position is the step, continues both in agreement. `learning_rate` in the metrics is the rate this step
   applied, read from the schedule's count in the optimizer state.
 
-  With shardings (mla_jax.sharding.plan) the step is traced under the batch sharding's mesh and
+  With shardings (mla_jax.train_state.plan) the step is traced under the batch sharding's mesh and
   `config.logical_axis_rules`, so the model's activation constraints take effect.
   """
   loss_fn = make_loss_fn(config, model)
@@ -109,7 +105,6 @@ def make_train_step(config, model, tx: optax.GradientTransformation, schedule: o
   def step(state: TrainState, batch):
     if batch_sharding is None:
       return _step(state, batch)
-    from mla_jax.sharding import activation_rules, axis_rules  # pylint: disable=g-import-not-at-top
     with activation_rules(batch_sharding.mesh, axis_rules(config)):
       return _step(state, batch)
 
@@ -122,22 +117,26 @@ def make_train_step(config, model, tx: optax.GradientTransformation, schedule: o
     keep = lambda new, old: jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, old)
     new_model_state = update_model_state(config, state.model_state, metrics)
     new_state = state.replace(
-        step=state.step + 1,
-        params=keep(new_params, state.params),
-        opt_state=with_schedule_count(keep(new_opt_state, state.opt_state), new_opt_state),
-        model_state=keep(new_model_state, state.model_state),
-        skipped=jnp.where(finite, 0, state.skipped + 1))
-    metrics = dict(metrics, loss=loss, grad_norm=grad_norm,
-                   learning_rate=schedule(schedule_count(state.opt_state, state.step)),
-                   skipped=(~finite).astype(jnp.int32))
+      step=state.step + 1,
+      params=keep(new_params, state.params),
+      opt_state=with_schedule_count(keep(new_opt_state, state.opt_state), new_opt_state),
+      model_state=keep(new_model_state, state.model_state),
+      skipped=jnp.where(finite, 0, state.skipped + 1),
+    )
+    metrics = dict(
+      metrics,
+      loss=loss,
+      grad_norm=grad_norm,
+      learning_rate=schedule(schedule_count(state.opt_state, state.step)),
+      skipped=(~finite).astype(jnp.int32),
+    )
     return new_state, metrics
 
   shardings = {}
   if state_sharding is not None:
     # Metrics come back replicated, so every process can read them.
     metrics_sharding = None if batch_sharding is None else _replicated(batch_sharding)
-    shardings = dict(in_shardings=(state_sharding, batch_sharding),
-                     out_shardings=(state_sharding, metrics_sharding))
+    shardings = dict(in_shardings=(state_sharding, batch_sharding), out_shardings=(state_sharding, metrics_sharding))
   return jax.jit(step, donate_argnums=(0,) if donate else (), **shardings)
 
 
@@ -161,12 +160,13 @@ def update_model_state(config, model_state, metrics):
   """Updates non-trainable model variables outside the optimizer (the MoE aux-free bias)."""
   if not model_state or "moe_bias" not in model_state:
     return model_state
-  from mla_jax.layers.moe import update_aux_free_bias  # pylint: disable=g-import-not-at-top
   rate = config.model.aux_free_bias_rate
   names = sorted(model_state["moe_bias"], key=lambda n: int(n.split("_")[-1]))
   loads = metrics["load"]  # [moe_layers, E], in layer order
-  new = {name: {"moe": {"bias": update_aux_free_bias(model_state["moe_bias"][name]["moe"]["bias"], loads[i], rate)}}
-         for i, name in enumerate(names)}
+  new = {
+    name: {"moe": {"bias": update_aux_free_bias(model_state["moe_bias"][name]["moe"]["bias"], loads[i], rate)}}
+    for i, name in enumerate(names)
+  }
   return dict(model_state, moe_bias=new)
 
 
@@ -186,12 +186,24 @@ def make_eval_step(model, state_sharding=None, batch_sharding=None, rules=None, 
   def sharded_eval_step(params, model_state, batch):
     if rules is None:
       return eval_step(params, model_state, batch)
-    from mla_jax.sharding import activation_rules  # pylint: disable=g-import-not-at-top
     with activation_rules(batch_sharding.mesh, rules):
       return eval_step(params, model_state, batch)
 
-  return jax.jit(sharded_eval_step, in_shardings=(state_sharding.params, state_sharding.model_state, batch_sharding),
-                 out_shardings=_replicated(batch_sharding))
+  return jax.jit(
+    sharded_eval_step,
+    in_shardings=(state_sharding.params, state_sharding.model_state, batch_sharding),
+    out_shardings=_replicated(batch_sharding),
+  )
+
+
+def evaluation_totals(eval_step, params, model_state, batches) -> tuple[float, float]:
+  """(sum of token losses in nats, number of target tokens) of `make_eval_step`'s step over `batches`."""
+  nll, count = 0.0, 0.0
+  for batch in batches:
+    b_nll, b_count = eval_step(params, model_state, batch)
+    nll += float(b_nll)
+    count += float(b_count)
+  return nll, count
 
 
 def _replicated(sharding):

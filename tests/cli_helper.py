@@ -32,7 +32,7 @@ def run_child(module: str, args: list[str], out_path: str, err_path: str) -> Non
     code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     if not isinstance(e.code, (int, type(None))):
       print(e.code, file=sys.stderr)
-  except BaseException:  # pylint: disable=broad-except
+  except BaseException:
     traceback.print_exc()
     code = 1
   sys.stdout.flush()

@@ -1,7 +1,6 @@
 """Shared fixtures: tiny model configs that compile in seconds."""
 
 import os
-import sys
 
 # The tests run on the CPU. With the TPU compiler installed (the [test] extra), JAX would otherwise look for
 # TPU chips at start-up; subprocesses inherit the setting. Topology compiles (test_compile.py) need no chips.
@@ -10,13 +9,12 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 from mla_jax.config import ModelConfig, default_config, validate  # noqa: E402
 
 # Identical programs (the same tiny model compiled by several tests) compile once per machine.
-jax.config.update("jax_compilation_cache_dir",
-                  os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".pytest_cache", "jax"))
+jax.config.update(
+  "jax_compilation_cache_dir", os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".pytest_cache", "jax")
+)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 

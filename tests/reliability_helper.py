@@ -20,33 +20,35 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.sharding import Mesh, NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P
+from orbax.checkpoint._src.path import atomicity  # noqa: E402
+
+from mla_jax import checkpoint as ckpt_lib  # noqa: E402
+from mla_jax import train  # noqa: E402
+from mla_jax.config import ModelConfig, seq_len  # noqa: E402
+from mla_jax.data import BatchIterator  # noqa: E402
+from mla_jax.model import LanguageModel, init_params  # noqa: E402
+from mla_jax.optim import make_optimizer  # noqa: E402
+from mla_jax.train_state import TrainState  # noqa: E402
+from mla_jax.train_step import make_eval_step  # noqa: E402
+
 
 def build_state(config):
   """A fresh TrainState for `config` (model.vocab_size must be set)."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from mla_jax.config import ModelConfig, seq_len  # pylint: disable=g-import-not-at-top
-  from mla_jax.model import init_params  # pylint: disable=g-import-not-at-top
-  from mla_jax.optim import make_optimizer  # pylint: disable=g-import-not-at-top
-  from mla_jax.train_step import TrainState  # pylint: disable=g-import-not-at-top
-
   params, _ = init_params(ModelConfig.from_config(config), jax.random.PRNGKey(0), seq_len(config))
   return TrainState.create(params, make_optimizer(config.trainer, 10), jax.random.PRNGKey(1))
 
 
 def eval_loss(config, state, batch) -> float:
   """Mean next-token cross-entropy of `state.params` on `batch` ({"inputs", "targets"})."""
-  from mla_jax.config import ModelConfig  # pylint: disable=g-import-not-at-top
-  from mla_jax.model import LanguageModel  # pylint: disable=g-import-not-at-top
-  from mla_jax.train_step import make_eval_step  # pylint: disable=g-import-not-at-top
-
   nll, count = make_eval_step(LanguageModel(ModelConfig.from_config(config)))(state.params, state.model_state, batch)
   return float(nll) / float(count)
 
 
 def hold_save(step: str, argv: list[str]) -> None:
-  from orbax.checkpoint._src.path import atomicity  # pylint: disable=g-import-not-at-top
-  from mla_jax import train  # pylint: disable=g-import-not-at-top
-
   finalize = atomicity.AtomicRenameTemporaryPath.finalize
 
   async def held(self):
@@ -59,24 +61,17 @@ def hold_save(step: str, argv: list[str]) -> None:
 
 
 def slow_data(seconds: str, argv: list[str]) -> None:
-  from mla_jax import train  # pylint: disable=g-import-not-at-top
-
-  next_batch = train.BatchIterator.__next__
+  next_batch = BatchIterator.__next__
 
   def slow(self):
     time.sleep(float(seconds))
     return next_batch(self)
 
-  train.BatchIterator.__next__ = slow
+  BatchIterator.__next__ = slow
   train.main([sys.argv[0], *argv])
 
 
 def reshard(ckpt_in: str, ckpt_out: str, batch_path: str) -> None:
-  import jax  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
-  from mla_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
-
   assert jax.device_count() == 8, jax.devices()
   mesh = Mesh(np.array(jax.devices()), ("data",))
   split = lambda x: NamedSharding(mesh, P("data") if x.ndim and x.shape[0] % 8 == 0 else P())
@@ -86,8 +81,10 @@ def reshard(ckpt_in: str, ckpt_out: str, batch_path: str) -> None:
   target = jax.eval_shape(lambda: build_state(config))
   step, state, meta = checkpointer.restore_latest(ckpt_lib.abstract(target, jax.tree_util.tree_map(split, target)))
   checkpointer.close()
-  split_leaves = sum(len(x.sharding.device_set) == 8 and x.addressable_shards[0].data.shape != x.shape
-                     for x in jax.tree_util.tree_leaves(state.params))
+  split_leaves = sum(
+    len(x.sharding.device_set) == 8 and x.addressable_shards[0].data.shape != x.shape
+    for x in jax.tree_util.tree_leaves(state.params)
+  )
   tokens = np.load(batch_path)
   batch = jax.device_put({"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}, NamedSharding(mesh, P("data")))
   loss = eval_loss(config, state, batch)
@@ -99,9 +96,9 @@ def reshard(ckpt_in: str, ckpt_out: str, batch_path: str) -> None:
 
 if __name__ == "__main__":
   if sys.argv[1] == "hold-save":
-    hold_save(sys.argv[2], sys.argv[sys.argv.index("--") + 1:])
+    hold_save(sys.argv[2], sys.argv[sys.argv.index("--") + 1 :])
   elif sys.argv[1] == "slow-data":
-    slow_data(sys.argv[2], sys.argv[sys.argv.index("--") + 1:])
+    slow_data(sys.argv[2], sys.argv[sys.argv.index("--") + 1 :])
   elif sys.argv[1] == "reshard":
     reshard(*sys.argv[2:5])
   else:

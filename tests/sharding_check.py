@@ -19,26 +19,33 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from flax import linen as nn  # noqa: E402
-
 from conftest import tiny_config  # noqa: E402
+
 from mla_jax import cache as cache_lib  # noqa: E402
-from mla_jax import sharding  # noqa: E402
+from mla_jax import pytree, sharding, train_state  # noqa: E402
 from mla_jax.config import ModelConfig, validate  # noqa: E402
 from mla_jax.model import LanguageModel, init_params  # noqa: E402
 from mla_jax.optim import make_optimizer, make_schedule  # noqa: E402
-from mla_jax.train_step import TrainState, make_train_step  # noqa: E402
+from mla_jax.train_state import TrainState, initial_model_state  # noqa: E402
+from mla_jax.train_step import make_train_step  # noqa: E402
 
 VOCAB, BATCH, SEQ = 64, 8, 16
 PRESETS = {
-    "data": dict(data=-1),
-    "fsdp": dict(data=1, fsdp=-1),
-    "fsdp_tensor": dict(data=1, fsdp=-1, tensor=2),
-    "expert": dict(data=-1, expert=4),
+  "data": dict(data=-1),
+  "fsdp": dict(data=1, fsdp=-1),
+  "fsdp_tensor": dict(data=1, fsdp=-1, tensor=2),
+  "expert": dict(data=-1, expert=4),
 }
 # Every preset once and every kind under FSDP; tensor parallelism for MoE and for Mamba2 + MLA.
-CASES = [("mla", "data"), ("mla", "fsdp"), ("moe", "fsdp"), ("moe", "fsdp_tensor"), ("moe", "expert"),
-         ("hybrid", "fsdp"), ("hybrid", "fsdp_tensor")]
+CASES = [
+  ("mla", "data"),
+  ("mla", "fsdp"),
+  ("moe", "fsdp"),
+  ("moe", "fsdp_tensor"),
+  ("moe", "expert"),
+  ("hybrid", "fsdp"),
+  ("hybrid", "fsdp_tensor"),
+]
 
 
 def make_config(kind: str, preset: str):
@@ -74,9 +81,7 @@ def one_device_run(config):
   tx, schedule = make_optimizer(config.trainer, 10), make_schedule(config.trainer, 10)
   init_rng, state_rng = jax.random.split(jax.random.PRNGKey(0))
   params, _ = init_params(cfg, init_rng, SEQ)
-  rest = {k: jax.tree_util.tree_map(jnp.zeros_like, v)
-          for k, v in jax.eval_shape(model.init, init_rng, jnp.zeros((1, SEQ), jnp.int32)).items() if k != "params"}
-  state = TrainState.create(params, tx, state_rng, rest)
+  state = TrainState.create(params, tx, state_rng, initial_model_state(cfg, SEQ))
   step = make_train_step(config, model, tx, schedule, donate=False)
   losses = []
   for batch in batches():
@@ -89,15 +94,17 @@ def sharded_run(config):
   cfg = ModelConfig.from_config(config)
   model = LanguageModel(cfg)
   tx, schedule = make_optimizer(config.trainer, 10), make_schedule(config.trainer, 10)
-  plan = sharding.plan(config, model, tx, SEQ)
-  state = sharding.init_state(model, tx, jax.random.PRNGKey(0), SEQ, plan.state)
+  plan = train_state.plan(config, model, tx, SEQ)
+  state = train_state.init_state(model, tx, jax.random.PRNGKey(0), SEQ, plan.state)
   shards = {}
-  for path, leaf in jax.tree_util.tree_flatten_with_path(state.params)[0]:
+  for name, leaf in pytree.flatten(state.params).items():
     sizes = sorted({int(np.prod(s.data.shape)) for s in leaf.addressable_shards})
-    shards[jax.tree_util.keystr(path)] = {"size": int(leaf.size), "ndim": leaf.ndim, "shard_sizes": sizes}
+    shards[name] = {"size": int(leaf.size), "ndim": leaf.ndim, "shard_sizes": sizes}
   mu = state.opt_state[1][0].mu
-  mu_shards = {jax.tree_util.keystr(p): sorted({int(np.prod(s.data.shape)) for s in leaf.addressable_shards})
-               for p, leaf in jax.tree_util.tree_flatten_with_path(mu)[0]}
+  mu_shards = {
+    name: sorted({int(np.prod(s.data.shape)) for s in leaf.addressable_shards})
+    for name, leaf in pytree.flatten(mu).items()
+  }
   step = make_train_step(config, model, tx, schedule, plan.state, plan.batch)
   losses = []
   for batch in batches():
@@ -107,8 +114,10 @@ def sharded_run(config):
 
 
 def max_diff(a, b) -> float:
-  return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
-             for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
+  return max(
+    float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
+    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b))
+  )
 
 
 def decode_check(kind: str, preset: str) -> float:
@@ -128,7 +137,7 @@ def decode_check(kind: str, preset: str) -> float:
   caches = cache_lib.init_caches(cfg, BATCH, SEQ)
   expected, _ = jax.jit(run)(params, caches, tokens)
 
-  plan = sharding.plan(config, model, make_optimizer(config.trainer, 10), SEQ)
+  plan = train_state.plan(config, model, make_optimizer(config.trainer, 10), SEQ)
   cache_sh = sharding.cache_shardings(caches, plan.mesh, plan.rules)
 
   def constrained(params, caches, tokens):
@@ -153,11 +162,19 @@ def main(out_path: str) -> None:
       references[ref_key] = one_device_run(config)
     ref_state, ref_losses = references[ref_key]
     state, losses, shards, mu_shards, sizes = sharded_run(config)
-    results["cases"].append({
-        "kind": kind, "preset": preset, "mesh": sizes, "losses": losses, "ref_losses": ref_losses,
+    results["cases"].append(
+      {
+        "kind": kind,
+        "preset": preset,
+        "mesh": sizes,
+        "losses": losses,
+        "ref_losses": ref_losses,
         "param_diff": max_diff(ref_state.params, state.params),
         "opt_diff": max_diff(ref_state.opt_state, state.opt_state),
-        "shards": shards, "mu_shards": mu_shards})
+        "shards": shards,
+        "mu_shards": mu_shards,
+      }
+    )
     print(kind, preset, losses, results["cases"][-1]["param_diff"], flush=True)
   for kind in ("hybrid", "gqa"):
     diff, specs, batch1_specs = decode_check(kind, "fsdp_tensor")

@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
+from conftest import tiny_model_config
 from flax import linen as nn
 from jax.sharding import PartitionSpec as P
 
@@ -13,16 +13,12 @@ from mla_jax.layers.attention import GQA
 from mla_jax.layers.common import rms_norm
 from mla_jax.layers.mla import MLA
 from mla_jax.layers.rope import apply_rope
-from mla_jax.ops.attention import (CPU_CHUNKED_ABOVE, attention, attention_reference, current_platform,
-                                   resolve_impl)
-
-from conftest import tiny_model_config
+from mla_jax.ops.attention import CPU_CHUNKED_ABOVE, attention, attention_reference, current_platform, resolve_impl
 
 
 def _qkv(key, B=2, T=12, H=4, K=2, D=8, E=6):
   kq, kk, kv = jax.random.split(key, 3)
-  return (jax.random.normal(kq, (B, T, H, D)), jax.random.normal(kk, (B, T, K, D)),
-          jax.random.normal(kv, (B, T, K, E)))
+  return (jax.random.normal(kq, (B, T, H, D)), jax.random.normal(kk, (B, T, K, D)), jax.random.normal(kv, (B, T, K, E)))
 
 
 @pytest.mark.parametrize("impl", ["xla", "chunked"])
@@ -50,6 +46,7 @@ def test_flash_equals_reference_values_and_gradients():
     def run(q, k, v):
       o, vjp = jax.vjp(fn, q, k, v)
       return o, vjp(jnp.cos(o))
+
     return jax.jit(run)(q, k, v)
 
   flash = value_and_vjp(lambda q, k, v: attention(q, k, v, pos, scale=0.3, impl="flash"))
@@ -58,17 +55,21 @@ def test_flash_equals_reference_values_and_gradients():
     np.testing.assert_allclose(a, b, atol=5e-5, rtol=1e-5)
 
 
-def test_flash_compiles_the_tpu_kernel_per_shard():
+@pytest.mark.parametrize("segmented", [False, True])
+def test_flash_compiles_the_tpu_kernel_per_shard(segmented):
   """For TPU devices (an abstract v5e:2x2 slice, compiled from this host) `auto` is splash attention, the
-  real Mosaic kernel (not the interpreter), run per shard of a batch x heads mesh, fwd + bwd."""
+  real Mosaic kernel (not the interpreter), run per shard of a batch x heads mesh, fwd + bwd; segment ids
+  (packed rows) are sharded with the batch."""
   pytest.importorskip("libtpu", reason="needs the TPU compiler (libtpu)")
-  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
-  from mla_jax import sharding  # pylint: disable=g-import-not-at-top
-  from mla_jax.config import DEFAULT_LOGICAL_AXIS_RULES  # pylint: disable=g-import-not-at-top
-  devices = topologies.get_topology_desc(platform="tpu", topology_name="v5e:2x2", chip_config_name="default",
-                                         chips_per_host_bounds=(2, 2, 1), num_slices=1).devices
-  mesh = jax.make_mesh((1, 2, 2, 1), sharding.MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 4,
-                       devices=devices)
+  from jax.experimental import topologies
+
+  from mla_jax import sharding
+  from mla_jax.config import DEFAULT_LOGICAL_AXIS_RULES
+
+  devices = topologies.get_topology_desc(
+    platform="tpu", topology_name="v5e:2x2", chip_config_name="default", chips_per_host_bounds=(2, 2, 1), num_slices=1
+  ).devices
+  mesh = jax.make_mesh((1, 2, 2, 1), sharding.MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 4, devices=devices)
   spec = jax.sharding.NamedSharding(mesh, P(("data", "fsdp", "expert"), None, "tensor"))
   B, T, H, D, E = 4, 256, 4, 24, 16
   args = [jax.ShapeDtypeStruct((B, T, H, w), jnp.bfloat16, sharding=spec) for w in (D, D, E)]
@@ -76,7 +77,8 @@ def test_flash_compiles_the_tpu_kernel_per_shard():
   def grads(q, k, v):
     with sharding.activation_rules(mesh, DEFAULT_LOGICAL_AXIS_RULES):
       pos = jnp.broadcast_to(jnp.arange(T), (B, T))
-      o, vjp = jax.vjp(lambda q, k, v: attention(q, k, v, pos, scale=D**-0.5), q, k, v)
+      seg = (jnp.arange(T) >= T // 3).astype(jnp.int32) + jnp.arange(B)[:, None] if segmented else None
+      o, vjp = jax.vjp(lambda q, k, v: attention(q, k, v, pos, scale=D**-0.5, segment_ids_BT=seg), q, k, v)
       return vjp(o)
 
   hlo = jax.jit(grads).lower(*args).compile().as_text()
@@ -136,12 +138,10 @@ def test_rope_depends_only_on_relative_position():
   np.testing.assert_allclose(score(7, 3), score(104, 100), rtol=1e-4)
   np.testing.assert_allclose(score(0, 0), jnp.sum(q * k), rtol=1e-5)
   assert abs(float(score(7, 3)) - float(score(7, 4))) > 1e-4
-  np.testing.assert_allclose(jnp.linalg.norm(apply_rope(q, jnp.array([[55]]), 10000.0)), jnp.linalg.norm(q),
-                             rtol=1e-5)
+  np.testing.assert_allclose(jnp.linalg.norm(apply_rope(q, jnp.array([[55]]), 10000.0)), jnp.linalg.norm(q), rtol=1e-5)
 
 
 class AttentionLayerTest(chex.TestCase):
-
   @chex.variants(with_jit=True, without_jit=True)
   def test_gqa_shapes_for_every_kv_heads(self):
     for kv_heads in (1, 2, 4):
@@ -196,7 +196,7 @@ def test_mla_equals_deepseek_v2_equations(kind, impl):
   def rope(z, t):  # rotate-half: pairs (i, i + d/2) rotated by t * theta^(-2i/d)
     d = z.shape[-1]
     ang = t * 10000.0 ** (-np.arange(0, d, 2) / d)
-    z1, z2 = z[..., : d // 2], z[..., d // 2:]
+    z1, z2 = z[..., : d // 2], z[..., d // 2 :]
     return np.concatenate([z1 * np.cos(ang) - z2 * np.sin(ang), z2 * np.cos(ang) + z1 * np.sin(ang)], -1)
 
   out = np.zeros((T, H, Dv))
@@ -215,11 +215,11 @@ def test_mla_equals_deepseek_v2_equations(kind, impl):
 
 
 class SmallModuleTest(chex.TestCase):
-
   @chex.variants(with_jit=True, without_jit=True)
   def test_swiglu_and_rmsnorm_shapes(self):
-    from mla_jax.layers.common import RMSNorm  # pylint: disable=g-import-not-at-top
-    from mla_jax.layers.mlp import SwiGLU  # pylint: disable=g-import-not-at-top
+    from mla_jax.layers.common import RMSNorm
+    from mla_jax.layers.mlp import SwiGLU
+
     cfg = tiny_model_config("gqa")
     x = jax.random.normal(jax.random.PRNGKey(0), (2, 5, 64))
     mlp = SwiGLU(cfg)

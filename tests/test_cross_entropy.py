@@ -4,13 +4,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import tiny_config
 
 from mla_jax.config import ModelConfig
 from mla_jax.model import LanguageModel, init_params
 from mla_jax.ops.cross_entropy import chunked_cross_entropy, cross_entropy_reference, lm_cross_entropy
 from mla_jax.train_step import make_eval_step, make_loss_fn
-
-from conftest import tiny_config
 
 
 @pytest.mark.parametrize("tied,weighted", [(False, True), (True, False)])
@@ -27,6 +26,7 @@ def test_chunked_equals_plain_in_value_and_gradient(tied, weighted):
     def total(h, w):
       nll, count, z = fn(h, head(w))
       return nll / count + 0.1 * z / count, (nll, count, z)
+
     return jax.jit(jax.value_and_grad(total, argnums=(0, 1), has_aux=True))(hidden, weight)
 
   (_, plain), plain_grads = losses(lambda h, w: cross_entropy_reference(h, w, targets, weights))

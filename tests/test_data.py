@@ -64,7 +64,8 @@ def test_max_bytes_counts_utf8_bytes(tmp_path):
 
 def test_hf_tokenizer_json(tmp_path):
   tokenizers = pytest.importorskip("tokenizers")
-  from tokenizers import models, pre_tokenizers  # pylint: disable=g-import-not-at-top
+  from tokenizers import models, pre_tokenizers
+
   vocab = {"<|endoftext|>": 0, "[UNK]": 1, "hello": 2, "world": 3}
   tok = tokenizers.Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
   tok.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -72,7 +73,8 @@ def test_hf_tokenizer_json(tmp_path):
   tok.save(str(path))
   cfg = _data_cfg(str(tmp_path / "t.txt"))
   (tmp_path / "t.txt").write_text("hello world " * 40)
-  from mla_jax.data import load_tokenizer  # pylint: disable=g-import-not-at-top
+  from mla_jax.data import load_tokenizer
+
   hf = load_tokenizer(str(path))
   assert hf.vocab_size == 4 and hf.eos_id == 0
   corpus = load_corpus(cfg, hf)

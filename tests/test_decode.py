@@ -12,23 +12,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import tiny_config, tiny_model_config
 from flax import linen as nn
 
 from mla_jax import cache as cache_lib
-from mla_jax.generate import Decoder, load, run_generate
+from mla_jax.decode import Decoder, generate_text
 from mla_jax.layers.mla import MLA
 from mla_jax.model import LanguageModel, init_params
 from mla_jax.sampling import sample_logits
-from mla_jax.train import train_and_evaluate
-
-from conftest import tiny_config, tiny_model_config
+from mla_jax.trainer import train_and_evaluate
+from mla_jax.workdir import load
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 B, T, S = 2, 10, 13  # batch, tokens compared, cache slots (slots T..S-1 are never written)
 P1, P2 = 3, 6  # prefill tokens [0, P1), a second multi-token chunk [P1, P2) on the filled cache, then steps
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _params(cfg):
   return init_params(cfg, jax.random.PRNGKey(0))[0]
 
@@ -37,7 +37,7 @@ def _tokens(cfg):
   return jax.random.randint(jax.random.PRNGKey(1), (B, T), 0, cfg.vocab_size)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _forward_and_decode(cfg, mla_decode):
   """One jitted program: the full forward pass, and prefill + chunk + per-token decode through caches."""
   model = LanguageModel(cfg)
@@ -64,9 +64,16 @@ def _forward_and_decode(cfg, mla_decode):
 
 # Every mixer and MLA variant once; the expanded MLA decode once (test_absorbed_equals_expanded_on_a_random_cache
 # compares the two decode forms directly).
-CASES = [("gqa", "absorbed", {}), ("mla", "absorbed", {}), ("mla", "expanded", {}),
-         ("mla", "absorbed", {"mla_latent_norms": False, "mla_q_rope_from_input": True}), ("mla_noq", "absorbed", {}),
-         ("moe", "absorbed", {}), ("mamba2", "absorbed", {}), ("hybrid", "absorbed", {})]
+CASES = [
+  ("gqa", "absorbed", {}),
+  ("mla", "absorbed", {}),
+  ("mla", "expanded", {}),
+  ("mla", "absorbed", {"mla_latent_norms": False, "mla_q_rope_from_input": True}),
+  ("mla_noq", "absorbed", {}),
+  ("moe", "absorbed", {}),
+  ("mamba2", "absorbed", {}),
+  ("hybrid", "absorbed", {}),
+]
 
 
 @pytest.mark.parametrize("kind,mla_decode,overrides", CASES)
@@ -128,7 +135,7 @@ def test_rows_at_different_lengths_decode_like_the_full_forward():
     for b, n in enumerate(lengths):
       caches = cache_lib.init_caches(cfg, 1, S, jnp.float32)
       pos_1T = jnp.arange(n, dtype=jnp.int32)[None]
-      rows.append(model.apply(v, tokens_BT[b:b + 1, :n], pos_1T, caches))
+      rows.append(model.apply(v, tokens_BT[b : b + 1, :n], pos_1T, caches))
     caches = jax.tree_util.tree_map(lambda a, b: jnp.concatenate([a, b]), rows[0][2], rows[1][2])
     start_B = jnp.asarray(lengths, jnp.int32)
     outs = []
@@ -164,12 +171,14 @@ def test_absorbed_equals_expanded_on_a_random_cache():
     for mode in cache_lib.MLA_DECODE_MODES:
       y_B1D, new = apply(params, x_B1D, pos_B1, cache_lib.MLACache(c_kv, k_rope, decode=mode))
       outs[mode] = y_B1D
-      np.testing.assert_array_equal(new.c_kv[:, position + 1:], c_kv[:, position + 1:])
+      np.testing.assert_array_equal(new.c_kv[:, position + 1 :], c_kv[:, position + 1 :])
     np.testing.assert_allclose(outs["absorbed"], outs["expanded"], atol=1e-5, rtol=1e-5)
     assert float(jnp.abs(outs["absorbed"]).mean()) > 1e-3
   # The absorbed step forms no [*, S, H, head_dim] keys: its program has no S x H x head_dim value.
-  hlo = {mode: apply.lower(params, x_B1D, pos_B1, cache_lib.MLACache(c_kv, k_rope, decode=mode)).as_text()
-         for mode in cache_lib.MLA_DECODE_MODES}
+  hlo = {
+    mode: apply.lower(params, x_B1D, pos_B1, cache_lib.MLACache(c_kv, k_rope, decode=mode)).as_text()
+    for mode in cache_lib.MLA_DECODE_MODES
+  }
   k_shape = f"tensor<{B}x{S}x{cfg.num_heads}x{cfg.head_dim}xf32>"
   assert k_shape in hlo["expanded"] and k_shape not in hlo["absorbed"]
 
@@ -223,7 +232,7 @@ def test_top_k_one_is_greedy_and_seeds_are_deterministic():
   # Greedy decoding with caches picks the argmax of the full forward pass at every step.
   seq = np.concatenate([np.asarray(prompt), greedy_tokens[0]])[None]
   logits = LanguageModel(cfg).apply(variables, jnp.asarray(seq))[0]
-  np.testing.assert_array_equal(np.argmax(logits[0, len(prompt) - 1:-1], -1), greedy_tokens[0])
+  np.testing.assert_array_equal(np.argmax(logits[0, len(prompt) - 1 : -1], -1), greedy_tokens[0])
 
 
 @pytest.fixture(scope="module")
@@ -241,10 +250,20 @@ def test_generate_loads_params_only_and_is_deterministic(workdir):
   _, cfg, variables, tokenizer, step = load(workdir)
   assert step == 2 and set(variables) == {"params"} and cfg.use_mla
   out, log = io.StringIO(), io.StringIO()
-  texts = run_generate(workdir, "def f", max_new_tokens=10, temperature=0.9, top_k=20, seed=3, batch=2,
-                       stream=out, log=log)
-  again = run_generate(workdir, "def f", max_new_tokens=10, temperature=0.9, top_k=20, seed=3, batch=2,
-                       stream=io.StringIO(), log=io.StringIO())
+  texts = generate_text(
+    workdir, "def f", max_new_tokens=10, temperature=0.9, top_k=20, seed=3, batch=2, stream=out, log=log
+  )
+  again = generate_text(
+    workdir,
+    "def f",
+    max_new_tokens=10,
+    temperature=0.9,
+    top_k=20,
+    seed=3,
+    batch=2,
+    stream=io.StringIO(),
+    log=io.StringIO(),
+  )
   assert texts == again and len(texts) == 2
   assert out.getvalue().startswith("def f" + texts[0])
   assert "prefill:" in log.getvalue() and "tokens/s" in log.getvalue()
@@ -252,16 +271,18 @@ def test_generate_loads_params_only_and_is_deterministic(workdir):
 
 def _cli(*args):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  return subprocess.run([sys.executable, "-m", "mla_jax.generate", *args], cwd=ROOT, env=env,
-                        capture_output=True, text=True, timeout=300)
+  return subprocess.run(
+    [sys.executable, "-m", "mla_jax.generate", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+  )
 
 
 def test_generate_cli_streams_greedy_text(workdir):
   out = _cli(f"--workdir={workdir}", "--prompt=import ", "--max_new_tokens=8", "--temperature=0")
   assert out.returncode == 0, out.stderr[-2000:]
   assert out.stdout.startswith("import ") and "decode:" in out.stderr and "tokens/s" in out.stderr
-  again = _cli(f"--workdir={workdir}", "--prompt=import ", "--max_new_tokens=8", "--top_k=1", "--seed=5",
-               "--mla_decode=expanded")
+  again = _cli(
+    f"--workdir={workdir}", "--prompt=import ", "--max_new_tokens=8", "--top_k=1", "--seed=5", "--mla_decode=expanded"
+  )
   assert again.returncode == 0 and again.stdout == out.stdout
 
 
@@ -274,14 +295,19 @@ def test_report_cache_cli():
 @pytest.mark.parametrize("case", ["missing", "empty", "prompt_too_long", "config_mismatch", "no_config"])
 def test_generate_cli_errors_are_one_line(case, workdir, tmp_path):
   args = {
-      "missing": [f"--workdir={tmp_path / 'nope'}", "--prompt=x"],
-      "empty": [f"--workdir={tmp_path}", "--prompt=x"],
-      "prompt_too_long": [f"--workdir={workdir}", "--prompt=" + "x" * 20, "--max_len=16"],
-      "config_mismatch": [f"--workdir={workdir}", "--config=configs/mla.py", "--prompt=x"],
-      "no_config": ["--report_cache"],
+    "missing": [f"--workdir={tmp_path / 'nope'}", "--prompt=x"],
+    "empty": [f"--workdir={tmp_path}", "--prompt=x"],
+    "prompt_too_long": [f"--workdir={workdir}", "--prompt=" + "x" * 20, "--max_len=16"],
+    "config_mismatch": [f"--workdir={workdir}", "--config=configs/mla.py", "--prompt=x"],
+    "no_config": ["--report_cache"],
   }[case]
-  expected = {"missing": "does not exist", "empty": "no checkpoints", "prompt_too_long": "20 tokens",
-              "config_mismatch": "parameters do not match the config", "no_config": "needs --config"}[case]
+  expected = {
+    "missing": "does not exist",
+    "empty": "no checkpoints",
+    "prompt_too_long": "20 tokens",
+    "config_mismatch": "parameters do not match the config",
+    "no_config": "needs --config",
+  }[case]
   out = _cli(*args)
   lines = [line for line in out.stderr.splitlines() if line.strip()]
   assert out.returncode == 2, out.stderr[-2000:]

@@ -8,29 +8,30 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import tiny_model_config
 
 from mla_jax.model import LanguageModel, count_params, flops_per_token, forward, init_params
 from mla_jax.train_step import cross_entropy
-
-from conftest import tiny_model_config
 
 KINDS = ["gqa", "mla", "mla_noq", "moe", "mamba2", "hybrid"]
 
 
 class ModelShapeTest(chex.TestCase):
-
   @chex.variants(with_jit=True)
   def test_logits_shape_and_dtype(self):
     cfg = tiny_model_config("mla")
     params, specs = init_params(cfg, jax.random.PRNGKey(0))
     logits, aux, caches = self.variant(lambda p, t: LanguageModel(cfg).apply({"params": p}, t))(
-        params, jnp.zeros((3, 11), jnp.int32))
+      params, jnp.zeros((3, 11), jnp.int32)
+    )
     chex.assert_shape(logits, (3, 11, cfg.vocab_size))
     assert logits.dtype == jnp.float32 and aux == {} and caches is None
     chex.assert_tree_all_finite(logits)
     # every parameter carries logical axis names, one per dimension
-    for leaf, spec in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(
-        specs, is_leaf=lambda s: isinstance(s, jax.sharding.PartitionSpec))):
+    for leaf, spec in zip(
+      jax.tree_util.tree_leaves(params),
+      jax.tree_util.tree_leaves(specs, is_leaf=lambda s: isinstance(s, jax.sharding.PartitionSpec)),
+    ):
       assert len(spec) == leaf.ndim and all(isinstance(n, str) for n in spec)
 
 
@@ -49,7 +50,7 @@ def test_causality_through_gradients(kind):
     return jnp.abs(g["embedding"][tokens[0]]).sum(-1)
 
   g = np.asarray(grad_per_position(params))
-  assert np.all(g[t + 1:] == 0.0), g
+  assert np.all(g[t + 1 :] == 0.0), g
   assert np.all(g[: t + 1] > 0.0), g
 
 
@@ -74,11 +75,25 @@ def test_every_residual_writing_projection_has_the_residual_init_scale():
   for the projections that write into the residual stream, 1 for the others."""
   c = math.sqrt(1 - 4 * math.exp(-2) / math.sqrt(2 * math.pi) / math.erf(2 / math.sqrt(2)))
   # hybrid: Mamba2 without FFN, MLA + SwiGLU, MLA + MoE (routed + shared): 1 + 2 + 2 = 5 residual branches
-  hybrid = tiny_model_config("hybrid", mamba_layers=(0,), first_dense_layers=2, num_experts=4, experts_per_tok=2,
-                             moe_intermediate_size=64, num_shared_experts=1)
-  fan_in = {"w_o": lambda s: np.prod(s[:-1]), "down": lambda s: s[0], "shared_down": lambda s: s[0],
-            "w_down": lambda s: s[1], "out_proj": lambda s: s[0], "up": lambda s: s[0], "w_up": lambda s: s[1],
-            "in_proj": lambda s: s[0]}
+  hybrid = tiny_model_config(
+    "hybrid",
+    mamba_layers=(0,),
+    first_dense_layers=2,
+    num_experts=4,
+    experts_per_tok=2,
+    moe_intermediate_size=64,
+    num_shared_experts=1,
+  )
+  fan_in = {
+    "w_o": lambda s: np.prod(s[:-1]),
+    "down": lambda s: s[0],
+    "shared_down": lambda s: s[0],
+    "w_down": lambda s: s[1],
+    "out_proj": lambda s: s[0],
+    "up": lambda s: s[0],
+    "w_up": lambda s: s[1],
+    "in_proj": lambda s: s[0],
+  }
   seen = set()
   for cfg, branches in ((tiny_model_config("gqa"), 4), (hybrid, 5)):
     params, _ = init_params(cfg, jax.random.PRNGKey(0))
@@ -91,8 +106,7 @@ def test_every_residual_writing_projection_has_the_residual_init_scale():
       expected = (branches**-0.5 if residual else 1.0) * c / math.sqrt(fan_in[name](w.shape))
       assert abs(float(np.std(w)) / expected - 1) < 0.04, ("/".join(names), float(np.std(w)), expected)
       seen.add(f"{names[-3] if name == 'w_o' else ''}/{name}")
-  assert seen == {"gqa/w_o", "mla/w_o", "/down", "/shared_down", "/w_down", "/out_proj", "/up", "/w_up",
-                  "/in_proj"}
+  assert seen == {"gqa/w_o", "mla/w_o", "/down", "/shared_down", "/w_down", "/out_proj", "/up", "/w_up", "/in_proj"}
 
 
 def test_forward_function_matches_apply():

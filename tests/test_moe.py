@@ -31,7 +31,7 @@ _balance = jax.jit(moe.load_balance_loss, static_argnums=2)
 _load = jax.jit(moe.expert_load, static_argnums=1)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _apply(cfg: ModelConfig):
   return jax.jit(MoE(cfg).apply, compiler_options=QUICK_COMPILE)
 
@@ -54,8 +54,11 @@ def _normal(rng: np.random.Generator, *shape: int, scale: float = 1.0) -> jax.Ar
 
 
 def _experts(rng: np.random.Generator, E: int, D: int, F: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-  return (_normal(rng, E, D, F, scale=D**-0.5), _normal(rng, E, D, F, scale=D**-0.5),
-          _normal(rng, E, F, D, scale=F**-0.5))
+  return (
+    _normal(rng, E, D, F, scale=D**-0.5),
+    _normal(rng, E, D, F, scale=D**-0.5),
+    _normal(rng, E, F, D, scale=F**-0.5),
+  )
 
 
 def _x(seed: int) -> jax.Array:
@@ -83,8 +86,9 @@ def _task_and_grads(impls, k: int, offset_E: jax.Array, cot_TD: jax.Array):
     y_TD = impl(x_TD, weights_TK, experts_TK, w_gate, w_up, w_down)
     return jnp.sum(y_TD * cot_TD), (y_TD, experts_TK)
 
-  grad_fns = [jax.value_and_grad(functools.partial(loss, impl), argnums=(0, 1, 2, 3, 4), has_aux=True)
-              for impl in impls]
+  grad_fns = [
+    jax.value_and_grad(functools.partial(loss, impl), argnums=(0, 1, 2, 3, 4), has_aux=True) for impl in impls
+  ]
   return jax.jit(lambda *args: [fn(*args) for fn in grad_fns], compiler_options=QUICK_COMPILE)
 
 
@@ -153,11 +157,9 @@ def test_load_balance_loss_hand_values():
   chex.assert_trees_all_close(_balance(probs_TE, experts_TK, 3), jnp.float32(1.10625), **TOL)
   # Uniform load and uniform probabilities: the minimum, 1.
   uniform_TE = jnp.full((3, 3), 1.0 / 3.0)
-  chex.assert_trees_all_close(_balance(uniform_TE, jnp.array([[0], [1], [2]]), 3),
-                              jnp.float32(1.0), **TOL)
+  chex.assert_trees_all_close(_balance(uniform_TE, jnp.array([[0], [1], [2]]), 3), jnp.float32(1.0), **TOL)
   # An expert with no assignment has load 0.
-  chex.assert_trees_all_close(_load(jnp.array([[0, 1], [0, 2]]), 4),
-                              jnp.array([0.5, 0.25, 0.25, 0.0]), **TOL)
+  chex.assert_trees_all_close(_load(jnp.array([[0, 1], [0, 2]]), 4), jnp.array([0.5, 0.25, 0.25, 0.0]), **TOL)
 
 
 def test_load_balance_loss_gradient_reaches_router_logits():
@@ -238,10 +240,10 @@ def test_dropless_matches_dense_values_and_gradients(k, num_experts):
   offset_E = jnp.asarray(offset_E, jnp.float32)
 
   block_size = 5 if k == 2 else 64
-  impls = (moe.moe_ragged_dot, moe.moe_ragged, functools.partial(moe.moe_blocked, block_size=block_size),
-           moe.moe_dense)
+  impls = (moe.moe_ragged_dot, moe.moe_ragged, functools.partial(moe.moe_blocked, block_size=block_size), moe.moe_dense)
   *dropless, ((val_d, (y_d, experts_TK)), grads_d) = _task_and_grads(impls, k, offset_E, cot_TD)(
-      x_TD, w_router_DE, *experts)
+    x_TD, w_router_DE, *experts
+  )
 
   counts_E = np.asarray(moe.expert_counts(experts_TK, E))
   assert counts_E.sum() == T * k
@@ -270,7 +272,8 @@ def test_capacity_with_large_factor_matches_dense():
   offset_E = jnp.array([-30.0, 0.0, 0.5, 1.0])
   capacity_fn = lambda *a: moe.moe_capacity(*a, capacity_factor=float(E))[0]
   ((_, (y_c, _)), grads_c), ((_, (y_d, _)), grads_d) = _task_and_grads(
-      (capacity_fn, moe.moe_dense), k, offset_E, cot_TD)(x_TD, w_router_DE, *experts)
+    (capacity_fn, moe.moe_dense), k, offset_E, cot_TD
+  )(x_TD, w_router_DE, *experts)
   chex.assert_trees_all_close(y_c, y_d, **TOL)
   chex.assert_trees_all_close(grads_c, grads_d, **TOL)
   weights_TK, experts_TK, _ = _route(x_TD @ w_router_DE + offset_E, k, True)
@@ -331,9 +334,10 @@ def _init(cfg: ModelConfig, x_BTD: jax.Array, seed: int = 0) -> dict:
   the aux-free bias zeros. `test_layer_init_axes_and_scale` checks the real `init`."""
   shapes = nn.unbox(jax.eval_shape(MoE(cfg).init, jax.random.key(0), x_BTD))
   rng = np.random.default_rng(seed)
-  params = jax.tree.map(lambda s: _normal(rng, *s.shape, scale=s.shape[-2]**-0.5), shapes["params"])
-  rest = {name: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), tree)
-          for name, tree in shapes.items() if name != "params"}
+  params = jax.tree.map(lambda s: _normal(rng, *s.shape, scale=s.shape[-2] ** -0.5), shapes["params"])
+  rest = {
+    name: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), tree) for name, tree in shapes.items() if name != "params"
+  }
   return {"params": params, **rest}
 
 
@@ -343,13 +347,13 @@ def test_layer_init_axes_and_scale():
   boxed = jax.eval_shape(MoE(cfg).init, jax.random.key(0), x_BTD)
   axes = jax.tree.map(lambda b: b.names, boxed["params"], is_leaf=lambda b: isinstance(b, nn.Partitioned))
   assert axes == {
-      "router": {"kernel": ("embed", "expert")},
-      "w_gate": ("expert", "embed", "expert_mlp"),
-      "w_up": ("expert", "embed", "expert_mlp"),
-      "w_down": ("expert", "expert_mlp", "embed"),
-      "shared_gate": {"kernel": ("embed", "mlp")},
-      "shared_up": {"kernel": ("embed", "mlp")},
-      "shared_down": {"kernel": ("mlp", "embed")},
+    "router": {"kernel": ("embed", "expert")},
+    "w_gate": ("expert", "embed", "expert_mlp"),
+    "w_up": ("expert", "embed", "expert_mlp"),
+    "w_down": ("expert", "expert_mlp", "embed"),
+    "shared_gate": {"kernel": ("embed", "mlp")},
+    "shared_up": {"kernel": ("embed", "mlp")},
+    "shared_down": {"kernel": ("mlp", "embed")},
   }
   # The 'rbg' key only makes this compile faster than threefry would; the init code is the same.
   init = jax.jit(MoE(cfg).init, compiler_options=QUICK_COMPILE)
@@ -359,8 +363,10 @@ def test_layer_init_axes_and_scale():
   np.testing.assert_array_equal(variables["moe_bias"]["bias"], np.zeros(cfg.num_experts, np.float32))
   # Truncated normal at +-2 std with std scale/sqrt(fan_in) before truncation: 0.88 scale/sqrt(fan_in) after;
   # the down-projection writes into the residual stream, so its scale is residual_scale (1 for the others).
-  for w, fan_in, scale in ((params["w_gate"], cfg.hidden_size, 1.0),
-                           (params["w_down"], cfg.moe_intermediate_size, residual_scale(cfg))):
+  for w, fan_in, scale in (
+    (params["w_gate"], cfg.hidden_size, 1.0),
+    (params["w_down"], cfg.moe_intermediate_size, residual_scale(cfg)),
+  ):
     ratio = float(jnp.std(w)) * math.sqrt(fan_in) / scale
     assert 0.8 < ratio < 0.96 and float(jnp.max(jnp.abs(w))) * math.sqrt(fan_in) / scale <= 2.0 + 1e-6
 
@@ -369,8 +375,10 @@ def test_layer_dispatch_modes_agree():
   cfg = _cfg()
   x_BTD = _x(6)
   variables = _init(cfg, x_BTD)
-  outs = {mode: _apply(dataclasses.replace(cfg, moe_dispatch=mode))(variables, x_BTD)
-          for mode in ("dense", "ragged", "capacity")}
+  outs = {
+    mode: _apply(dataclasses.replace(cfg, moe_dispatch=mode))(variables, x_BTD)
+    for mode in ("dense", "ragged", "capacity")
+  }
   y_d, aux_d = outs["dense"]
   for mode in ("ragged", "capacity"):
     y, aux = outs[mode]
@@ -379,8 +387,7 @@ def test_layer_dispatch_modes_agree():
   assert y_d.shape == x_BTD.shape and y_d.dtype == jnp.float32
   assert aux_d["load"].shape == (cfg.num_experts,) and float(aux_d["dropped_fraction"]) == 0.0
   assert all(v.dtype == jnp.float32 for v in aux_d.values())
-  _, aux_small = _apply(dataclasses.replace(cfg, moe_dispatch="capacity", capacity_factor=0.25))(
-      variables, x_BTD)
+  _, aux_small = _apply(dataclasses.replace(cfg, moe_dispatch="capacity", capacity_factor=0.25))(variables, x_BTD)
   assert 0.0 < float(aux_small["dropped_fraction"]) < 1.0
 
 
@@ -400,8 +407,9 @@ def test_layer_k1_router_gets_gradient_from_task_loss():
   cfg = _cfg(experts_per_tok=1, norm_topk_prob=True)
   x_BTD, cot_BTD = _x(8), _x(9)
   params = _init(cfg, x_BTD)["params"]
-  grads = jax.jit(jax.grad(lambda p: jnp.sum(MoE(cfg).apply({"params": p}, x_BTD)[0] * cot_BTD)),
-                  compiler_options=QUICK_COMPILE)(params)
+  grads = jax.jit(
+    jax.grad(lambda p: jnp.sum(MoE(cfg).apply({"params": p}, x_BTD)[0] * cot_BTD)), compiler_options=QUICK_COMPILE
+  )(params)
   assert float(jnp.max(jnp.abs(grads["router"]["kernel"]))) > 1e-4
 
 
@@ -427,8 +435,9 @@ def test_layer_aux_free_bias_collection_steers_selection():
   x_BTD = _x(12)
   variables = _init(cfg, x_BTD)
   assert set(variables) == {"params", "moe_bias"}
-  assert not any("bias" in jax.tree_util.keystr(path)
-                 for path, _ in jax.tree_util.tree_leaves_with_path(variables["params"]))
+  assert not any(
+    "bias" in jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_leaves_with_path(variables["params"])
+  )
   np.testing.assert_array_equal(variables["moe_bias"]["bias"], np.zeros(cfg.num_experts))
   _, aux = _apply(cfg)(variables, x_BTD)
   biased = {**variables, "moe_bias": {"bias": jnp.array([0.0, 0.0, 0.0, 2.0])}}

@@ -23,29 +23,49 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from conftest import tiny_config
+from orbax.checkpoint._src.path import atomicity
+from reliability_helper import build_state, eval_loss
 
 from configs import mla as mla_config
 from mla_jax import checkpoint as ckpt_lib
 from mla_jax import train_step as train_step_lib
 from mla_jax.data import BatchIterator
 from mla_jax.errors import CheckpointError, TrainingError, WorkdirError
-from mla_jax.train import train_and_evaluate
-
-from conftest import tiny_config
-from reliability_helper import build_state, eval_loss
+from mla_jax.trainer import train_and_evaluate
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-ENV = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=os.path.join(ROOT, ".pytest_cache", "jax"),
-           JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5")
+ENV = dict(
+  os.environ,
+  JAX_PLATFORMS="cpu",
+  JAX_COMPILATION_CACHE_DIR=os.path.join(ROOT, ".pytest_cache", "jax"),
+  JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5",
+)
 ENV.pop("XLA_FLAGS", None)
 STEPS = 12
-BASE = {"model.hidden_size": 64, "model.num_layers": 2, "model.num_heads": 4, "model.intermediate_size": 128,
-        "model.kv_latent_dim": 32, "model.q_latent_dim": 32, "model.d_rope": 8, "trainer.seq_len": 32,
-        "trainer.batch_size": 4, "trainer.max_steps": STEPS, "trainer.warmup_steps": 3,
-        "trainer.learning_rate": 3e-3, "trainer.log_interval": 1, "trainer.save_interval": 4,
-        "trainer.max_checkpoints": 1, "trainer.keep_best": True, "trainer.eval_steps": 1,
-        "trainer.eval_interval": 1000, "sample.max_new_tokens": 0, "data.max_bytes": 300_000}
+BASE = {
+  "model.hidden_size": 64,
+  "model.num_layers": 2,
+  "model.num_heads": 4,
+  "model.intermediate_size": 128,
+  "model.kv_latent_dim": 32,
+  "model.q_latent_dim": 32,
+  "model.d_rope": 8,
+  "trainer.seq_len": 32,
+  "trainer.batch_size": 4,
+  "trainer.max_steps": STEPS,
+  "trainer.warmup_steps": 3,
+  "trainer.learning_rate": 3e-3,
+  "trainer.log_interval": 1,
+  "trainer.save_interval": 4,
+  "trainer.max_checkpoints": 1,
+  "trainer.keep_best": True,
+  "trainer.eval_steps": 1,
+  "trainer.eval_interval": 1000,
+  "sample.max_new_tokens": 0,
+  "data.max_bytes": 300_000,
+}
 
 
 def quick_config(**changes):
@@ -141,15 +161,17 @@ def test_keep_best_retention_keeps_newest_and_lowest_validation_loss(tmp_path):
 
 
 def _run(args, **kwargs):
-  return subprocess.run([sys.executable, *args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600,
-                        **kwargs)
+  return subprocess.run(
+    [sys.executable, *args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600, **kwargs
+  )
 
 
 def test_sigkill_during_a_save_resumes_from_the_last_good_checkpoint(reference, tmp_path):
   ref, _ = reference
   helper = [sys.executable, "tests/reliability_helper.py", "hold-save", "8", "--"]
-  proc = subprocess.Popen(helper + cli_flags(tmp_path), cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.PIPE, text=True)
+  proc = subprocess.Popen(
+    helper + cli_flags(tmp_path), cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+  )
   ckpt = tmp_path / "checkpoints"
   deadline = time.time() + 300
   while not (ckpt.is_dir() and any(n.startswith("8.orbax-checkpoint-tmp") for n in os.listdir(ckpt))):
@@ -173,8 +195,14 @@ def test_sigkill_during_a_save_resumes_from_the_last_good_checkpoint(reference, 
 def test_sigterm_saves_the_current_step_and_prints_the_resume_command(reference, tmp_path):
   ref, _ = reference
   flags = cli_flags(tmp_path)
-  proc = subprocess.Popen([sys.executable, "tests/reliability_helper.py", "slow-data", "0.3", "--", *flags],
-                          cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  proc = subprocess.Popen(
+    [sys.executable, "tests/reliability_helper.py", "slow-data", "0.3", "--", *flags],
+    cwd=ROOT,
+    env=ENV,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
   for line in proc.stdout:
     if line.startswith("step "):
       break
@@ -207,13 +235,21 @@ def test_ctrl_c_is_acknowledged_at_once_and_a_second_one_exits_without_saving():
   """While the main thread waits (here: cannot run Python handlers), the first Ctrl-C is answered at once
   and the second one exits with 130."""
   start = time.time()
-  proc = subprocess.Popen([sys.executable, "-c", STOP_SIGNALS_SCRIPT], cwd=ROOT, env=ENV, text=True,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+  proc = subprocess.Popen(
+    [sys.executable, "-c", STOP_SIGNALS_SCRIPT],
+    cwd=ROOT,
+    env=ENV,
+    text=True,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+  )
   assert proc.stdout.readline() == "ready\n"
   proc.send_signal(signal.SIGINT)
   first = proc.stderr.readline() + proc.stderr.readline()
-  assert first == ("\nCtrl-C (SIGINT) received: finishing the current step and writing a checkpoint, then "
-                   "exiting; press Ctrl-C again to stop at once without saving.\n")
+  assert first == (
+    "\nCtrl-C (SIGINT) received: finishing the current step and writing a checkpoint, then "
+    "exiting; press Ctrl-C again to stop at once without saving.\n"
+  )
   assert proc.poll() is None  # still running: the step and the save would go on
   proc.send_signal(signal.SIGINT)
   out, err = proc.communicate(timeout=30)
@@ -274,14 +310,21 @@ def test_a_restore_failure_that_is_not_corruption_propagates_and_moves_nothing(t
     checkpointer.save(step, state.replace(step=jnp.asarray(step, jnp.int32)), {"step": step}, config)
   ckpt, before = tmp_path / "checkpoints", _mtimes(tmp_path)
   restore = checkpointer.manager.restore
-  failures = [MemoryError(), OSError(errno.EIO, "Input/output error"), PermissionError(errno.EACCES, "denied"),
-              ValueError("RESOURCE_EXHAUSTED: Error reading local file: out of memory"),
-              RuntimeError("UNAVAILABLE: connection reset"), KeyboardInterrupt()]
+  failures = [
+    MemoryError(),
+    OSError(errno.EIO, "Input/output error"),
+    PermissionError(errno.EACCES, "denied"),
+    ValueError("RESOURCE_EXHAUSTED: Error reading local file: out of memory"),
+    RuntimeError("UNAVAILABLE: connection reset"),
+    KeyboardInterrupt(),
+  ]
   for failure in failures:  # the newest checkpoint fails to load for a reason that is not its files
+
     def fail(step, *args, failure=failure, **kwargs):
       if step == 4:
         raise failure
       return restore(step, *args, **kwargs)
+
     monkeypatch.setattr(checkpointer.manager, "restore", fail)
     warnings = []
     with pytest.raises(type(failure)):
@@ -289,7 +332,7 @@ def test_a_restore_failure_that_is_not_corruption_propagates_and_moves_nothing(t
     assert not warnings and _mtimes(tmp_path) == before and not (tmp_path / "checkpoints.corrupt").exists()
   assert checkpointer.all_steps() == [2, 4]
   wrapped = Exception("Encountered error while reading array index")  # orbax wraps tensorstore errors
-  wrapped.__cause__ = ValueError("OUT_OF_RANGE: Error reading \"params.embedding/0.0\"")
+  wrapped.__cause__ = ValueError('OUT_OF_RANGE: Error reading "params.embedding/0.0"')
   assert ckpt_lib.is_unreadable(wrapped) and ckpt_lib.is_unreadable(FileNotFoundError(errno.ENOENT, "gone"))
   wrapped.__cause__.__context__ = MemoryError()
   assert not ckpt_lib.is_unreadable(wrapped) and not ckpt_lib.is_unreadable(KeyError("state"))
@@ -318,9 +361,21 @@ def test_restore_onto_8_devices_and_back_gives_the_same_loss(tmp_path):
   checkpointer.close()
 
   env = dict(ENV, XLA_FLAGS="--xla_force_host_platform_device_count=8")
-  out = subprocess.run([sys.executable, "tests/reliability_helper.py", "reshard", str(tmp_path / "one"),
-                        str(tmp_path / "eight"), str(tmp_path / "batch.npy")], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=600)
+  out = subprocess.run(
+    [
+      sys.executable,
+      "tests/reliability_helper.py",
+      "reshard",
+      str(tmp_path / "one"),
+      str(tmp_path / "eight"),
+      str(tmp_path / "batch.npy"),
+    ],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert out.returncode == 0, out.stderr[-3000:]
   eight = json.loads(out.stdout.strip().splitlines()[-1])
   assert eight["devices"] == 8 and eight["split_leaves"] > 10
@@ -358,8 +413,11 @@ def test_non_finite_updates_are_skipped_counted_and_stop_the_run(tmp_path, monke
   monkeypatch.setattr(train_step_lib, "make_loss_fn", poisoned_loss_fn)
   monkeypatch.setattr(BatchIterator, "batch_at", poisoned_batch_at)
   out = io.StringIO()
-  with pytest.raises(TrainingError, match=r"step 8: 3 consecutive non-finite updates "
-                                          r"\(trainer.max_skipped_steps=3\)"):
+  with pytest.raises(
+    TrainingError,
+    match=r"step 8: 3 consecutive non-finite updates "
+    r"\(trainer.max_skipped_steps=3\)",
+  ):
     train_and_evaluate(quick_config(trainer__max_skipped_steps=3), str(tmp_path), stream=out)
   assert "step 3: non-finite loss or gradient, update skipped (1 in a row, limit 3)" in out.getvalue()
   with open(tmp_path / "metrics.jsonl") as f:
@@ -371,7 +429,6 @@ def test_non_finite_updates_are_skipped_counted_and_stop_the_run(tmp_path, monke
 
 
 def test_failed_save_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
-  from orbax.checkpoint._src.path import atomicity  # pylint: disable=g-import-not-at-top
   finalize = atomicity.AtomicRenameTemporaryPath.finalize
 
   async def disk_full_at_8(self):
@@ -380,8 +437,11 @@ def test_failed_save_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, 
     return await finalize(self)
 
   monkeypatch.setattr(atomicity.AtomicRenameTemporaryPath, "finalize", disk_full_at_8)
-  with pytest.raises(CheckpointError, match=r"saving checkpoint step 8 in .* failed \(disk full\): .*No space "
-                                            r"left on device.*; the last complete checkpoint is step 4, unchanged"):
+  with pytest.raises(
+    CheckpointError,
+    match=r"saving checkpoint step 8 in .* failed \(disk full\): .*No space "
+    r"left on device.*; the last complete checkpoint is step 4, unchanged",
+  ):
     run_inline(tmp_path)
   monkeypatch.undo()
   checkpointer = ckpt_lib.Checkpointer(tmp_path)
@@ -413,34 +473,50 @@ def _bad_cases(tmp_path, ref) -> list[tuple[str, list[str], str]]:
   if os.path.isdir("/sys"):  # sysfs refuses new files, even to root
     unwritable.append(("unwritable workdir", cli_flags("/sys"), "workdir /sys is not usable"))
   return unwritable + [
-      # Config errors (unknown keys, bad values and types, missing config and YAML files) are covered by
-      # tests/test_config.py's command-line test.
-      ("keep_best without eval", cli_flags(w, trainer__eval_steps=0), "trainer.keep_best: needs trainer.eval_steps"),
-      ("missing data", cli_flags(w, data__corpus="/nonexistent/tokens.bin"),
-       "/nonexistent/tokens.bin: data path not found"),
-      ("empty token file", cli_flags(w, data__corpus=tmp_path / "empty.bin"), "empty.bin: token file is empty"),
-      ("too little data", cli_flags(w, data__corpus=tmp_path / "short.txt"),
-       "training tokens are too few for one batch of 4 x 32"),
-      ("workdir is a file", cli_flags(tmp_path / "a_file"), "a_file is not usable: [Errno 20] exists and is not"),
-      ("checkpoints is a file", cli_flags(tmp_path / "ckpt_file"), "ckpt_file/checkpoints"),
-      ("mismatched checkpoint", cli_flags(ref, model__kv_latent_dim=16), kv16),
-      ("every checkpoint unreadable", cli_flags(corrupt), "no readable checkpoint in"),
-      ("missing --workdir", ["--config=configs/mla.py:quick"], "Flag --workdir must have a value"),
-      ("unknown flag", cli_flags(w) + ["--bogus"], "Unknown command line flag 'bogus'"),
+    # Config errors (unknown keys, bad values and types, missing config and YAML files) are covered by
+    # tests/test_config.py's command-line test.
+    ("keep_best without eval", cli_flags(w, trainer__eval_steps=0), "trainer.keep_best: needs trainer.eval_steps"),
+    (
+      "missing data",
+      cli_flags(w, data__corpus="/nonexistent/tokens.bin"),
+      "/nonexistent/tokens.bin: data path not found",
+    ),
+    ("empty token file", cli_flags(w, data__corpus=tmp_path / "empty.bin"), "empty.bin: token file is empty"),
+    (
+      "too little data",
+      cli_flags(w, data__corpus=tmp_path / "short.txt"),
+      "training tokens are too few for one batch of 4 x 32",
+    ),
+    ("workdir is a file", cli_flags(tmp_path / "a_file"), "a_file is not usable: [Errno 20] exists and is not"),
+    ("checkpoints is a file", cli_flags(tmp_path / "ckpt_file"), "ckpt_file/checkpoints"),
+    ("mismatched checkpoint", cli_flags(ref, model__kv_latent_dim=16), kv16),
+    ("every checkpoint unreadable", cli_flags(corrupt), "no readable checkpoint in"),
+    ("missing --workdir", ["--config=configs/mla.py:quick"], "Flag --workdir must have a value"),
+    ("unknown flag", cli_flags(w) + ["--bogus"], "Unknown command line flag 'bogus'"),
   ]
 
 
 def _mtimes(directory) -> dict[str, int]:
-  return {os.path.join(d, n): os.stat(os.path.join(d, n)).st_mtime_ns for d, _, files in os.walk(directory)
-          for n in files}
+  return {
+    os.path.join(d, n): os.stat(os.path.join(d, n)).st_mtime_ns for d, _, files in os.walk(directory) for n in files
+  }
 
 
 def test_bad_inputs_fail_with_one_clear_line(reference, tmp_path):
   ref, _ = reference
   before = _mtimes(ref)
   cases = _bad_cases(tmp_path, ref)
-  procs = [subprocess.Popen([sys.executable, "-m", "mla_jax.train", *args], cwd=ROOT, env=ENV, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _, args, _ in cases]
+  procs = [
+    subprocess.Popen(
+      [sys.executable, "-m", "mla_jax.train", *args],
+      cwd=ROOT,
+      env=ENV,
+      text=True,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+    )
+    for _, args, _ in cases
+  ]
   for (name, _, expected), proc in zip(cases, procs):
     _, err = proc.communicate(timeout=600)
     lines = [line for line in err.splitlines() if line.strip()]

@@ -6,28 +6,32 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import tiny_model_config
 from flax import linen as nn
 
 from mla_jax.config import REMAT_POLICIES
 from mla_jax.model import LanguageModel, init_params, remat_policy
-
-from conftest import tiny_model_config
 
 
 def _stack_params(unscanned: dict, period: int, layers: int) -> dict:
   """layer_{r*period+j} params -> layers/layer_{j} stacked over r."""
   out = {k: v for k, v in unscanned.items() if not k.startswith("layer_")}
   out["layers"] = {
-      f"layer_{j}": jax.tree_util.tree_map(lambda *xs: jnp.stack(xs),
-                                           *[unscanned[f"layer_{r * period + j}"] for r in range(layers // period)])
-      for j in range(period)}
+    f"layer_{j}": jax.tree_util.tree_map(
+      lambda *xs: jnp.stack(xs), *[unscanned[f"layer_{r * period + j}"] for r in range(layers // period)]
+    )
+    for j in range(period)
+  }
   return out
 
 
-@pytest.mark.parametrize("kind,overrides,period", [
+@pytest.mark.parametrize(
+  "kind,overrides,period",
+  [
     ("hybrid", {"num_layers": 4, "mamba_layers": (0, 2)}, 2),
     ("moe", {"num_layers": 2, "first_dense_layers": 0}, 1),
-])
+  ],
+)
 def test_scanned_equals_unscanned(kind, overrides, period):
   plain = tiny_model_config(kind, **overrides)
   scanned = tiny_model_config(kind, scan_layers=True, **overrides)
@@ -84,6 +88,7 @@ def test_remat_policies_match_none(kind, scan):
       logits, _, _ = LanguageModel(cfg).apply({"params": p}, tokens[:, :-1])
       logp = jax.nn.log_softmax(logits)
       return -jnp.mean(jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1))
+
     return loss
 
   want_loss, want_grads = jax.jit(jax.value_and_grad(loss_fn(base)))(params)
@@ -96,5 +101,4 @@ def test_remat_policies_match_none(kind, scan):
     assert _remat_policies(jax.make_jaxpr(loss_fn(cfg))(params).jaxpr) == {remat_policy(policy)}
     loss, grads = jax.jit(jax.value_and_grad(loss_fn(cfg)))(params)
     np.testing.assert_allclose(loss, want_loss, rtol=1e-5, atol=1e-5)
-    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5),
-                           grads, want_grads)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), grads, want_grads)

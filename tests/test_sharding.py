@@ -2,8 +2,8 @@
 raise errors naming their keys, two processes train like one, and the launch scripts print their commands.
 
 The multi-device parts run in subprocesses with simulated CPU devices (this process has one device):
-tests/sharding_check.py (8 devices, every preset) and the real trainer as two processes of 4 devices
-each. All of them start together when the first test needs them.
+tests/sharding_check.py (8 devices, every preset) and the real trainer as two processes of 2 devices
+each, compared with one process of one device (see `Runs`).
 """
 
 import json
@@ -15,13 +15,13 @@ import sys
 import jax
 import numpy as np
 import pytest
+from conftest import tiny_config
 
-from mla_jax import distributed, sharding
+from mla_jax import distributed, sharding, train_state
 from mla_jax.config import ModelConfig
 from mla_jax.errors import ConfigError, UserError
-from mla_jax.model import LanguageModel
-
-from conftest import tiny_config
+from mla_jax.model import LanguageModel, abstract_variables
+from mla_jax.optim import make_optimizer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -34,14 +34,25 @@ TIMEOUT = 900
 # lr 3e-4. Gradients themselves are compared through the optimizer moments, far tighter.
 PARAM_ATOL = {"mla": 1e-5, "hybrid": 1e-5, "moe": 5e-5}
 MOMENT_ATOL = 1e-7
-TRAIN_FLAGS = ["--config=configs/mla.py:quick", "--config.model.hidden_size=64", "--config.model.num_layers=2",
-               "--config.model.num_heads=4", "--config.model.intermediate_size=128",
-               "--config.model.kv_latent_dim=32", "--config.model.q_latent_dim=32", "--config.model.d_rope=8",
-               "--config.trainer.batch_size=8", "--config.trainer.seq_len=32",
-               "--config.trainer.max_steps=4", "--config.trainer.log_interval=2",
-               "--config.trainer.eval_interval=4", "--config.trainer.eval_steps=1",
-               "--config.trainer.warmup_steps=1", "--config.data.max_bytes=300000",
-               "--config.sample.max_new_tokens=4"]
+TRAIN_FLAGS = [
+  "--config=configs/mla.py:quick",
+  "--config.model.hidden_size=64",
+  "--config.model.num_layers=1",
+  "--config.model.num_heads=4",
+  "--config.model.intermediate_size=128",
+  "--config.model.kv_latent_dim=32",
+  "--config.model.q_latent_dim=32",
+  "--config.model.d_rope=8",
+  "--config.trainer.batch_size=8",
+  "--config.trainer.seq_len=32",
+  "--config.trainer.max_steps=4",
+  "--config.trainer.log_interval=2",
+  "--config.trainer.eval_interval=4",
+  "--config.trainer.eval_steps=1",
+  "--config.trainer.warmup_steps=1",
+  "--config.data.max_bytes=300000",
+  "--config.sample.max_new_tokens=4",
+]
 
 
 def _env(devices: int) -> dict:
@@ -56,24 +67,58 @@ def _free_port() -> int:
 
 
 class Runs:
-  """The subprocesses, started together; `wait(name)` returns (returncode, stdout, stderr)."""
+  """The subprocesses. The 8-device check and the one-process reference run (about one core each) start
+  together when a test first needs one of them; the two-process run, whose collectives wait on each other
+  and slow down when its processes share the cores with other work, starts after them.
+  `wait(name)` returns (returncode, stdout, stderr)."""
+
+  FIRST, SECOND = ("check", "single"), ("process0", "process1")
 
   def __init__(self, tmp):
     self.tmp = tmp
     self.procs = {}
-    start = lambda name, args, env: self.procs.__setitem__(name, subprocess.Popen(
-        args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    start("check", [sys.executable, os.path.join(HERE, "sharding_check.py"), str(tmp / "check.json")], _env(8))
-    port = _free_port()
-    for i in range(2):
-      start(f"process{i}", [sys.executable, "-m", "mla_jax.train", f"--workdir={tmp / 'two'}"] + TRAIN_FLAGS
-            + ["--config.mesh.fsdp=-1", "--config.mesh.data=1", f"--coordinator_address=localhost:{port}",
-               "--num_processes=2", f"--process_id={i}"], _env(4))
-    start("single", [sys.executable, "-m", "mla_jax.train", f"--workdir={tmp / 'one'}"] + TRAIN_FLAGS
-          + ["--config.sample.max_new_tokens=0"], _env(1))
     self.results = {}
 
+  def _command(self, name: str):
+    if name == "check":
+      return [sys.executable, os.path.join(HERE, "sharding_check.py"), str(self.tmp / "check.json")], _env(8)
+    if name == "single":
+      return (
+        [sys.executable, "-m", "mla_jax.train", f"--workdir={self.tmp / 'one'}"]
+        + TRAIN_FLAGS
+        + ["--config.sample.max_new_tokens=0"],
+        _env(1),
+      )
+    return (
+      [sys.executable, "-m", "mla_jax.train", f"--workdir={self.tmp / 'two'}"]
+      + TRAIN_FLAGS
+      + [
+        "--config.mesh.fsdp=-1",
+        "--config.mesh.data=1",
+        f"--coordinator_address=localhost:{self.port}",
+        "--num_processes=2",
+        f"--process_id={name[-1]}",
+      ],
+      _env(2),
+    )
+
+  def _start(self, names) -> None:
+    self.port = _free_port()
+    for name in names:
+      args, env = self._command(name)
+      self.procs[name] = subprocess.Popen(
+        args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+      )
+
   def wait(self, name: str):
+    if name not in self.procs:
+      if name in self.SECOND:
+        for earlier in self.FIRST:
+          if earlier in self.procs:
+            self.wait(earlier)
+        self._start(self.SECOND)
+      else:
+        self._start(self.FIRST if not self.procs else (name,))
     if name not in self.results:
       out, err = self.procs[name].communicate(timeout=TIMEOUT)
       self.results[name] = (self.procs[name].returncode, out, err)
@@ -108,8 +153,12 @@ def _case(check, kind, preset):
 @pytest.mark.parametrize("kind,preset", sharding_check.CASES)
 def test_preset_trains_like_one_device(check, kind, preset):
   c = _case(check, kind, preset)
-  expected_mesh = {"data": {"data": 8}, "fsdp": {"fsdp": 8}, "fsdp_tensor": {"fsdp": 4, "tensor": 2},
-                   "expert": {"data": 2, "expert": 4}}[preset]
+  expected_mesh = {
+    "data": {"data": 8},
+    "fsdp": {"fsdp": 8},
+    "fsdp_tensor": {"fsdp": 4, "tensor": 2},
+    "expert": {"data": 2, "expert": 4},
+  }[preset]
   assert c["mesh"] == {**{a: 1 for a in sharding.MESH_AXES}, **expected_mesh}
   np.testing.assert_allclose(c["losses"], c["ref_losses"], rtol=1e-5)
   assert c["opt_diff"] < MOMENT_ATOL, c["opt_diff"]
@@ -137,9 +186,9 @@ def test_fsdp_gives_each_device_an_eighth_of_every_matrix(check, kind):
 def test_tensor_and_expert_axes_split_their_weights(check):
   shards = _case(check, "moe", "fsdp_tensor")["shards"]
   # w_uq [q_latent, heads, head_dim]: q_latent over fsdp (4), heads over tensor (2).
-  w_uq = shards["['layer_0']['mla']['w_uq']['kernel']"]
+  w_uq = shards["layer_0/mla/w_uq/kernel"]
   assert w_uq["shard_sizes"] == [w_uq["size"] // 8]
-  expert = _case(check, "moe", "expert")["shards"]["['layer_0']['moe']['w_gate']"]
+  expert = _case(check, "moe", "expert")["shards"]["layer_0/moe/w_gate"]
   assert expert["shard_sizes"] == [expert["size"] // 4]  # 4 experts over expert=4: one each
 
 
@@ -161,7 +210,7 @@ def test_two_processes_train_like_one(runs):
   single_code, single_out, single_err = runs.wait("single")
   assert single_code == 0, (single_out + single_err)[-4000:]
   main_out, other_out = results[0][1], results[1][1]
-  assert "Mesh: data 1, fsdp 8, tensor 1, expert 1 over 8 cpu device(s) in 2 process(es)" in main_out
+  assert "Mesh: data 1, fsdp 4, tensor 1, expert 1 over 4 cpu device(s) in 2 process(es)" in main_out
   assert "Memory per device" in main_out and "Sample (prompt" in main_out
   # Only process 0 prints (the collectives library announces its connections on every process).
   assert [l for l in other_out.splitlines() if not l.startswith("[Gloo]")] == [], other_out[-2000:]
@@ -193,19 +242,39 @@ def _config(kind="mla", mesh=None, **trainer):
 
 
 BAD = [
-    (dict(mesh={"data": 2, "fsdp": 2}), 8, "mesh", "mesh.data=2 x mesh.fsdp=2 x mesh.tensor=1 x mesh.expert=1 = 4 "
-     "must equal the device count 8"),
-    (dict(mesh={"data": -1, "fsdp": -1}), 8, "mesh.fsdp", "only one mesh axis may be -1"),
-    (dict(mesh={"tensor": 3}), 8, "mesh.data", "8 devices are not divisible"),
-    (dict(mesh={"data": 1, "fsdp": -1}, batch_size=4), 8, "trainer.batch_size",
-     "4 is not divisible by the data-parallel size mesh.data=1 x mesh.fsdp=8 x mesh.expert=1 = 8"),
-    (dict(mesh={"data": -1}, batch_size=8, gradient_accumulation=2), 8, "trainer.gradient_accumulation",
-     "8 / 2 = 4 rows must divide over the data-parallel size"),
-    (dict(mesh={"tensor": 8}), 8, "model.num_heads", "4 heads are not divisible by mesh.tensor=8"),
-    (dict(kind="gqa", mesh={"tensor": 4}), 4, "model.kv_heads", "2 GQA key/value heads are not divisible by "
-     "mesh.tensor=4"),
-    (dict(kind="moe", mesh={"expert": 8}, batch_size=8), 8, "model.num_experts",
-     "4 experts are not divisible by mesh.expert=8"),
+  (
+    dict(mesh={"data": 2, "fsdp": 2}),
+    8,
+    "mesh",
+    "mesh.data=2 x mesh.fsdp=2 x mesh.tensor=1 x mesh.expert=1 = 4 must equal the device count 8",
+  ),
+  (dict(mesh={"data": -1, "fsdp": -1}), 8, "mesh.fsdp", "only one mesh axis may be -1"),
+  (dict(mesh={"tensor": 3}), 8, "mesh.data", "8 devices are not divisible"),
+  (
+    dict(mesh={"data": 1, "fsdp": -1}, batch_size=4),
+    8,
+    "trainer.batch_size",
+    "4 is not divisible by the data-parallel size mesh.data=1 x mesh.fsdp=8 x mesh.expert=1 = 8",
+  ),
+  (
+    dict(mesh={"data": -1}, batch_size=8, gradient_accumulation=2),
+    8,
+    "trainer.gradient_accumulation",
+    "8 / 2 = 4 rows must divide over the data-parallel size",
+  ),
+  (dict(mesh={"tensor": 8}), 8, "model.num_heads", "4 heads are not divisible by mesh.tensor=8"),
+  (
+    dict(kind="gqa", mesh={"tensor": 4}),
+    4,
+    "model.kv_heads",
+    "2 GQA key/value heads are not divisible by mesh.tensor=4",
+  ),
+  (
+    dict(kind="moe", mesh={"expert": 8}, batch_size=8),
+    8,
+    "model.num_experts",
+    "4 experts are not divisible by mesh.expert=8",
+  ),
 ]
 
 
@@ -230,21 +299,22 @@ def test_mamba2_heads_must_divide_over_tensor():
 def test_a_parameter_its_mesh_axis_does_not_divide_is_named():
   config = tiny_config("mla", q_latent_dim=36)
   cfg = ModelConfig.from_config(config, vocab_size=64)
-  params, specs, _ = sharding.abstract_variables(LanguageModel(cfg), 8)
+  params, specs, _ = abstract_variables(cfg, 8)
   rules = sharding.axis_rules(config)
   sharding.check_param_shapes(params, specs, {"data": 1, "fsdp": 4, "tensor": 1, "expert": 1}, rules)
   with pytest.raises(ConfigError) as e:
     sharding.check_param_shapes(params, specs, {"data": 1, "fsdp": 8, "tensor": 1, "expert": 1}, rules)
   assert e.value.key == "mesh.fsdp"
-  assert "parameter layer_0/mla/w_uq/kernel (36, 4, 24): dimension 0 ('q_latent', size 36) is not divisible " \
-         "by mesh.fsdp=8" in str(e.value)
+  assert (
+    "parameter layer_0/mla/w_uq/kernel (36, 4, 24): dimension 0 ('q_latent', size 36) is not divisible "
+    "by mesh.fsdp=8" in str(e.value)
+  )
 
 
 def test_one_device_plan_is_one_process_holding_every_row():
   config = tiny_config("mla")
   cfg = ModelConfig.from_config(config, vocab_size=64)
-  from mla_jax.optim import make_optimizer  # pylint: disable=g-import-not-at-top
-  plan = sharding.plan(config, LanguageModel(cfg), make_optimizer(config.trainer, 10), 8)
+  plan = train_state.plan(config, LanguageModel(cfg), make_optimizer(config.trainer, 10), 8)
   assert plan.data_shard == (0, 1) and plan.mesh.size == jax.device_count() == 1
   batch = plan.put({"inputs": np.zeros((4, 8), np.int32)})
   assert batch["inputs"].shape == (4, 8) and batch["inputs"].sharding == plan.batch
@@ -259,10 +329,16 @@ def test_distributed_arguments_from_flags_and_environment(monkeypatch):
   assert distributed.distributed_args(env={"SLURM_NTASKS": "1", "SLURM_PROCID": "0"}) is None
   slurm = {"SLURM_NTASKS": "16", "SLURM_PROCID": "9", "SLURM_JOB_NODELIST": "gpu[003-004,9],cpu1"}
   assert distributed.distributed_args(env=slurm) == {
-      "coordinator_address": "gpu003:8476", "num_processes": 16, "process_id": 9}
+    "coordinator_address": "gpu003:8476",
+    "num_processes": 16,
+    "process_id": 9,
+  }
   assert distributed.distributed_args("node7:1234", 16, env=slurm)["coordinator_address"] == "node7:1234"
   assert distributed.distributed_args("10.0.0.1:99", 4, 2, env={}) == {
-      "coordinator_address": "10.0.0.1:99", "num_processes": 4, "process_id": 2}
+    "coordinator_address": "10.0.0.1:99",
+    "num_processes": 4,
+    "process_id": 2,
+  }
   with pytest.raises(UserError, match="must be given together"):
     distributed.distributed_args("10.0.0.1:99", 4, env={})
   assert distributed.distributed_args(multihost=True, env={}) == {}
@@ -276,20 +352,39 @@ def test_distributed_arguments_from_flags_and_environment(monkeypatch):
 
 
 def _dry_run(args, env=None):
-  out = subprocess.run(["bash"] + args, cwd=ROOT, env=dict(os.environ, DRY_RUN="1", **(env or {})),
-                       capture_output=True, text=True, timeout=60)
+  out = subprocess.run(
+    ["bash"] + args,
+    cwd=ROOT,
+    env=dict(os.environ, DRY_RUN="1", **(env or {})),
+    capture_output=True,
+    text=True,
+    timeout=60,
+  )
   assert out.returncode == 0, out.stderr
   return out.stdout
 
 
 def test_tpu_pod_dry_run_prints_every_command():
-  out = _dry_run(["launch/tpu_pod.sh", "--name=mla-pod", "--zone=us-central2-b", "--accelerator=v4-32",
-                  "--config=configs/moe.py", "--bucket=my-bucket", "--delete", "--",
-                  "--config.mesh.fsdp=-1", "--config.mesh.data=1"])
+  out = _dry_run(
+    [
+      "launch/tpu_pod.sh",
+      "--name=mla-pod",
+      "--zone=us-central2-b",
+      "--accelerator=v4-32",
+      "--config=configs/moe.py",
+      "--bucket=my-bucket",
+      "--delete",
+      "--",
+      "--config.mesh.fsdp=-1",
+      "--config.mesh.data=1",
+    ]
+  )
   lines = out.splitlines()
   assert "# v4-32: 4 worker(s), one training process each" in lines
-  assert ("+ gcloud compute tpus tpu-vm create mla-pod --zone=us-central2-b --accelerator-type=v4-32 "
-          "--version=tpu-ubuntu2204-base") in lines
+  assert (
+    "+ gcloud compute tpus tpu-vm create mla-pod --zone=us-central2-b --accelerator-type=v4-32 "
+    "--version=tpu-ubuntu2204-base"
+  ) in lines
   assert any(l.startswith("+ gcloud compute tpus tpu-vm scp ") and "--worker=all" in l for l in lines)
   tar = next(l.split() for l in lines if l.startswith("+ tar "))
   if "-T" in tar:  # a git checkout: the tarball holds the listed files, no ignored one (.venv, caches)
@@ -299,22 +394,27 @@ def test_tpu_pod_dry_run_prints_every_command():
     assert not [p for p in copied if p.startswith((".venv/", ".git/", ".pytest_cache/")) or "__pycache__" in p]
   else:
     assert "--exclude=.venv" in tar
-  ssh = [l for l in lines if l.startswith("+ gcloud compute tpus tpu-vm ssh mla-pod --zone=us-central2-b "
-                                          "--worker=all")]
+  ssh = [l for l in lines if l.startswith("+ gcloud compute tpus tpu-vm ssh mla-pod --zone=us-central2-b --worker=all")]
   assert len(ssh) == 2 and "pip install" in ssh[0] and "gcsfuse --implicit-dirs my-bucket /gcs/my-bucket" in ssh[0]
-  assert ("python3 -m mla_jax.train --config=configs/moe.py --workdir=/gcs/my-bucket/runs/mla-pod --multihost "
-          "--config.mesh.fsdp=-1 --config.mesh.data=1") in ssh[1]
+  assert (
+    "python3 -m mla_jax.train --config=configs/moe.py --workdir=/gcs/my-bucket/runs/mla-pod --multihost "
+    "--config.mesh.fsdp=-1 --config.mesh.data=1"
+  ) in ssh[1]
   assert lines[-1] == "+ gcloud compute tpus tpu-vm delete mla-pod --zone=us-central2-b --quiet"
 
 
 def test_slurm_dry_run_prints_every_command():
-  out = _dry_run(["launch/gpu_slurm.sbatch", "configs/hybrid.py", "/shared/runs/hybrid", "--config.mesh.fsdp=-1"],
-                 env={"NODES": "2", "GPUS_PER_NODE": "8", "NODELIST": "gpu[001-002]", "SLURM_JOB_ID": "4242"})
+  out = _dry_run(
+    ["launch/gpu_slurm.sbatch", "configs/hybrid.py", "/shared/runs/hybrid", "--config.mesh.fsdp=-1"],
+    env={"NODES": "2", "GPUS_PER_NODE": "8", "NODELIST": "gpu[001-002]", "SLURM_JOB_ID": "4242"},
+  )
   lines = out.splitlines()
   assert "+ scontrol show hostnames gpu[001-002] | head -n 1" in lines
-  assert ("+ srun --nodes=2 --ntasks-per-node=8 --kill-on-bad-exit=1 python -m mla_jax.train "
-          "--config=configs/hybrid.py --workdir=/shared/runs/hybrid '--coordinator_address=$FIRST_HOST:16242' "
-          "--num_processes=16 --config.mesh.fsdp=-1") in lines
+  assert (
+    "+ srun --nodes=2 --ntasks-per-node=8 --kill-on-bad-exit=1 python -m mla_jax.train "
+    "--config=configs/hybrid.py --workdir=/shared/runs/hybrid '--coordinator_address=$FIRST_HOST:16242' "
+    "--num_processes=16 --config.mesh.fsdp=-1"
+  ) in lines
 
 
 def test_shell_scripts_parse():

@@ -40,8 +40,9 @@ def _numpy_recurrence(x, dt, A, B, C, s0=None):
     for bi in range(b):
       for hi in range(h):
         gi = hi // (h // g)
-        state[bi, hi] = (np.exp(dt[bi, i, hi] * A[hi]) * state[bi, hi]
-                         + dt[bi, i, hi] * np.outer(x[bi, i, hi], B[bi, i, gi]))
+        state[bi, hi] = np.exp(dt[bi, i, hi] * A[hi]) * state[bi, hi] + dt[bi, i, hi] * np.outer(
+          x[bi, i, hi], B[bi, i, gi]
+        )
         y[bi, i, hi] = state[bi, hi] @ C[bi, i, gi]
   return y, state
 
@@ -56,7 +57,7 @@ def test_segsum_matches_direct_sums():
       if j > i:
         assert np.all(np.isneginf(out[..., i, j]))
       else:
-        np.testing.assert_allclose(out[..., i, j], xn[..., j + 1:i + 1].sum(-1), **TOL)
+        np.testing.assert_allclose(out[..., i, j], xn[..., j + 1 : i + 1].sum(-1), **TOL)
   np.testing.assert_array_equal(np.diagonal(out, axis1=-2, axis2=-1), 0.0)
 
 
@@ -101,7 +102,6 @@ def test_step_repeated_matches_float64_recurrence_and_chunked():
 
 
 class ChunkedTest(chex.TestCase):
-
   @chex.variants(with_jit=True, without_jit=True)
   @parameterized.parameters(dict(chunk=4, g=2, t=13, init=True))
   def test_variants_match_sequential(self, chunk, g, t, init):
@@ -116,10 +116,10 @@ class ChunkedTest(chex.TestCase):
     np.testing.assert_allclose(final, final_ref, **TOL)
 
   @parameterized.parameters(
-      dict(chunk=4, g=1, t=16, init=False),
-      dict(chunk=4, g=2, t=13, init=True),
-      dict(chunk=8, g=2, t=21, init=False),
-      dict(chunk=5, g=2, t=1, init=True),
+    dict(chunk=4, g=1, t=16, init=False),
+    dict(chunk=4, g=2, t=13, init=True),
+    dict(chunk=8, g=2, t=21, init=False),
+    dict(chunk=5, g=2, t=1, init=True),
   )
   def test_values_match_sequential(self, chunk, g, t, init):
     x, dt, A, B, C, s0 = _inputs(4, 2, t, 4, 3, g, 5)
@@ -133,9 +133,9 @@ class ChunkedTest(chex.TestCase):
     np.testing.assert_allclose(final, final_ref, **TOL)
 
   @parameterized.parameters(
-      dict(chunk=4, g=1, t=11, init=True),
-      dict(chunk=3, g=2, t=12, init=True),
-      dict(chunk=8, g=2, t=19, init=False),
+    dict(chunk=4, g=1, t=11, init=True),
+    dict(chunk=3, g=2, t=12, init=True),
+    dict(chunk=8, g=2, t=19, init=False),
   )
   def test_gradients_match_sequential(self, chunk, g, t, init):
     x, dt, A, B, C, s0 = _inputs(5, 2, t, 4, 3, g, 5)
@@ -151,7 +151,7 @@ class ChunkedTest(chex.TestCase):
     argnums = tuple(range(len(args)))
     grads = jax.jit(jax.grad(functools.partial(loss, ssd_chunked), argnums))(*args)
     grads_ref = jax.jit(jax.grad(functools.partial(loss, ssd_sequential), argnums))(*args)
-    for name, gr, gr_ref in zip("x dt A B C s0".split(), grads, grads_ref):
+    for name, gr, gr_ref in zip(["x", "dt", "A", "B", "C", "s0"], grads, grads_ref):
       assert np.all(np.isfinite(np.asarray(gr))), name
       assert np.abs(np.asarray(gr_ref)).max() > 0, name
       np.testing.assert_allclose(gr, gr_ref, err_msg=name, **GRAD_TOL)

@@ -10,39 +10,71 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
+from conftest import tiny_config, tiny_model_config
 from jax.sharding import PartitionSpec as P
 
+from mla_jax import metric_writers, trainer
+from mla_jax.data import BatchIterator
 from mla_jax.layers.common import param_role
-from mla_jax.model import LanguageModel, count_params, flops_per_token, init_params
+from mla_jax.model import LanguageModel, abstract_variables, count_params, flops_per_token, init_params
 from mla_jax.optim import decay_mask, make_optimizer, make_schedule
-from mla_jax.sharding import abstract_variables
-from mla_jax.train import train_and_evaluate
-from mla_jax.train_step import TrainState, make_train_step
-
-from conftest import tiny_config, tiny_model_config
+from mla_jax.pytree import path_names
+from mla_jax.train_state import TrainState
+from mla_jax.train_step import make_train_step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHRINK = ["--config.model.hidden_size=64", "--config.model.num_layers=2", "--config.model.num_heads=4",
-          "--config.model.intermediate_size=128", "--config.model.kv_latent_dim=32",
-          "--config.model.q_latent_dim=32", "--config.model.d_rope=8", "--config.trainer.seq_len=32",
-          "--config.trainer.max_steps=30", "--config.trainer.log_interval=5", "--config.trainer.eval_interval=15",
-          "--config.trainer.eval_steps=2", "--config.trainer.warmup_steps=3",
-          "--config.trainer.learning_rate=3e-3", "--config.data.max_bytes=1000000",
-          "--config.sample.max_new_tokens=16"]
+SHRINK = [
+  "--config.model.hidden_size=64",
+  "--config.model.num_layers=2",
+  "--config.model.num_heads=4",
+  "--config.model.intermediate_size=128",
+  "--config.model.kv_latent_dim=32",
+  "--config.model.q_latent_dim=32",
+  "--config.model.d_rope=8",
+  "--config.trainer.seq_len=32",
+  "--config.trainer.max_steps=30",
+  "--config.trainer.log_interval=5",
+  "--config.trainer.eval_interval=15",
+  "--config.trainer.eval_steps=2",
+  "--config.trainer.warmup_steps=3",
+  "--config.trainer.learning_rate=3e-3",
+  "--config.data.max_bytes=1000000",
+  "--config.sample.max_new_tokens=16",
+]
 
 
 def test_train_entry_point_end_to_end(tmp_path):
   """Shrink configs/mla.py:quick and run the real `python -m mla_jax.train`."""
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  out = subprocess.run([sys.executable, "-m", "mla_jax.train", "--config=configs/mla.py:quick",
-                        f"--workdir={tmp_path}"] + SHRINK, cwd=ROOT, env=env, capture_output=True, text=True,
-                       timeout=600)
+  out = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "mla_jax.train",
+      "--config=configs/mla.py:quick",
+      f"--workdir={tmp_path}",
+      "--config.trainer.profile_steps=3,4",
+    ]
+    + SHRINK,
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert out.returncode == 0, out.stderr[-3000:]
   text = out.stdout
-  for expected in (f"Config: mla: 2 layers (mla+mlp x2), hidden 64, 4 heads, vocab 320; learning rate 0.003, "
-                   f"warmup 3 steps; every key in {tmp_path / 'config.json'}", "Parameters: total", "FLOPs per step",
-                   "Compiled the train step", "validation loss", "Loss curve", "Sample (prompt"):
+  for expected in (
+    f"Config: mla: 2 layers (mla+mlp x2), hidden 64, 4 heads, vocab 320; learning rate 0.003, "
+    f"warmup 3 steps; every key in {tmp_path / 'config.json'}",
+    "Parameters: total",
+    "FLOPs per step",
+    "Compiled the train step",
+    "validation loss",
+    "Loss curve",
+    "Sample (prompt",
+    f"Profile of steps 3-4: {tmp_path / 'profile'}",
+  ):
     assert expected in text, text[-2000:]
   assert json.load(open(tmp_path / "config.json"))["model"]["kv_latent_dim"] == 32
   records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
@@ -52,12 +84,21 @@ def test_train_entry_point_end_to_end(tmp_path):
   assert any("val_loss" in r for r in records)
   assert (tmp_path / "loss.png").stat().st_size > 1000
   assert os.listdir(tmp_path / "checkpoints") == ["30"]
+  # The same records in TensorBoard, with the sample text; the profile of steps 3-4 beside them.
+  scalars = metric_writers.scalars(str(tmp_path))
+  assert [v for _, v in scalars["train/loss"]] == pytest.approx(train) and "val/loss" in scalars
+  assert len(scalars["train/learning_rate"]) == 6 and len(scalars["perf/tokens_per_s"]) == 6
+  assert "train/grad_norm" in scalars and "perf/model_tflops_per_s" in scalars
+  tags = {v.tag for e in metric_writers.read_events(str(tmp_path)) for v in e.summary.value}
+  assert "sample/text_summary" in tags
+  traces = [n for _, _, names in os.walk(tmp_path / "profile") for n in names]
+  assert any(n.endswith(".xplane.pb") for n in traces), traces
 
 
 def test_hybrid_config_trains_when_shrunk(tmp_path):
   """configs/hybrid.py:quick with small widths runs the real loop, and its loss falls."""
-  sys.path.insert(0, ROOT)
-  from configs import hybrid  # pylint: disable=g-import-not-at-top
+  from configs import hybrid
+
   config = hybrid.get_config("quick")
   m, t = config.model, config.trainer
   m.hidden_size, m.num_heads, m.intermediate_size, m.kv_latent_dim, m.q_latent_dim = 64, 4, 128, 32, 32
@@ -67,7 +108,7 @@ def test_hybrid_config_trains_when_shrunk(tmp_path):
   config.data.max_bytes = 500_000
   config.sample.max_new_tokens = 0  # sampling is covered by test_train_entry_point_end_to_end
   out = io.StringIO()
-  final = train_and_evaluate(config, str(tmp_path), stream=out)
+  final = trainer.train_and_evaluate(config, str(tmp_path), stream=out)
   losses = [json.loads(l)["loss"] for l in open(tmp_path / "metrics.jsonl") if '"loss"' in l]
   assert losses[-1] < losses[0] - 0.5, losses
   assert "mamba2" in out.getvalue() and np.isfinite(final["val_loss"])
@@ -143,7 +184,7 @@ def _by_layer_role(cfg, tree) -> dict:
   """{(layer index within the scanned period, parameter name): [values]} of a scanned or unscanned tree."""
   out = {}
   for path, value in jax.tree_util.tree_flatten_with_path(tree)[0]:
-    names = [str(getattr(k, "key", k)) for k in path if str(getattr(k, "key", k)) != "layers"]
+    names = [name for name in path_names(path) if name != "layers"]
     if names[0].startswith("layer_"):
       names[0] = f"layer_{int(names[0][6:]) % cfg.scan_period}"
     out.setdefault("/".join(names), []).append(value)
@@ -154,9 +195,17 @@ def test_decay_mask_and_counts_follow_the_role_not_the_rank_under_scan():
   t = tiny_config("hybrid").trainer
   trees = {}
   for scan in (False, True):  # 4 layers: (Mamba2, MLA + MoE) x 2, stacked on a 'layers' axis when scanned
-    cfg = tiny_model_config("hybrid", num_layers=4, mamba_layers=(0, 2), num_experts=4, experts_per_tok=2,
-                            moe_intermediate_size=32, num_shared_experts=1, scan_layers=scan)
-    params, specs, _ = abstract_variables(LanguageModel(cfg), 8)
+    cfg = tiny_model_config(
+      "hybrid",
+      num_layers=4,
+      mamba_layers=(0, 2),
+      num_experts=4,
+      experts_per_tok=2,
+      moe_intermediate_size=32,
+      num_shared_experts=1,
+      scan_layers=scan,
+    )
+    params, specs, _ = abstract_variables(cfg, 8)
     trees[scan] = (cfg, params)
     for path, spec in jax.tree_util.tree_flatten_with_path(specs, is_leaf=lambda x: isinstance(x, P))[0]:
       axes = [a for a in spec if a != "layers"]  # a role agrees with the logical axes of the unstacked leaf
@@ -186,7 +235,6 @@ def test_decay_mask_and_counts_follow_the_role_not_the_rank_under_scan():
 def test_resume_continues_the_same_trajectory(tmp_path, monkeypatch, capsys):
   """Also: progress lines by time, the resume line last before training, the warmup warning, a finished
   run started again, and a failed start that leaves nothing behind."""
-  import mla_jax.train as train_lib  # pylint: disable=g-import-not-at-top
 
   def run(workdir, steps, log_interval=1):
     config = tiny_config("mla")
@@ -200,13 +248,19 @@ def test_resume_continues_the_same_trajectory(tmp_path, monkeypatch, capsys):
     if steps < 6:  # an interrupted run: same schedule, stops early
       return train_and_evaluate_until(config, str(workdir), steps)
     out = io.StringIO()
-    return train_and_evaluate(config, str(workdir), stream=out), out.getvalue()
+    return trainer.train_and_evaluate(config, str(workdir), stream=out), out.getvalue()
 
   with monkeypatch.context() as m:
-    m.setattr(train_lib, "PROGRESS_SECONDS", 0.0)  # a progress line after every step, records every 2
+    m.setattr(trainer, "PROGRESS_SECONDS", 0.0)  # a progress line after every step, records every 2
     _, text = run(tmp_path / "unbroken", 6, log_interval=2)
   assert [int(line.split()[1].split("/")[0]) for line in text.splitlines() if line.startswith("step ")] == [
-      1, 2, 3, 4, 5, 6]
+    1,
+    2,
+    3,
+    4,
+    5,
+    6,
+  ]
   assert "trainer.warmup_steps=10 is not below the 6 training steps" in capsys.readouterr().err
   run(tmp_path / "broken", 3)
   _, text = run(tmp_path / "broken", 6)
@@ -222,8 +276,10 @@ def test_resume_continues_the_same_trajectory(tmp_path, monkeypatch, capsys):
   before = files(tmp_path / "unbroken")
   result, text = run(tmp_path / "unbroken", 6)  # started again when finished: nothing compiled or written
   assert result == {"already_complete": True, "step": 6}
-  assert text == (f"Already complete: {tmp_path / 'unbroken' / 'checkpoints' / '6'} is the final checkpoint of "
-                  "this 6-step run; nothing to do (raise trainer.max_steps to train further)\n")
+  assert text == (
+    f"Already complete: {tmp_path / 'unbroken' / 'checkpoints' / '6'} is the final checkpoint of "
+    "this 6-step run; nothing to do (raise trainer.max_steps to train further)\n"
+  )
   assert files(tmp_path / "unbroken") == before
 
   run(tmp_path / "new" / "failed", 0)  # fails in its first step: no empty workdir, checkpoints/ or metrics
@@ -232,21 +288,20 @@ def test_resume_continues_the_same_trajectory(tmp_path, monkeypatch, capsys):
 
 def train_and_evaluate_until(config, workdir, stop_after):
   """Runs the real loop but raises out of it after `stop_after` steps (a crash after a save)."""
-  import mla_jax.train as train_lib  # pylint: disable=g-import-not-at-top
 
   class Stop(Exception):
     pass
 
-  original = train_lib.BatchIterator.__next__
+  original = BatchIterator.__next__
 
   def limited(self):
     if self.step >= stop_after:
       raise Stop()
     return original(self)
 
-  train_lib.BatchIterator.__next__ = limited
+  BatchIterator.__next__ = limited
   try:
     with pytest.raises(Stop):
-      train_and_evaluate(config, workdir, stream=io.StringIO())
+      trainer.train_and_evaluate(config, workdir, stream=io.StringIO())
   finally:
-    train_lib.BatchIterator.__next__ = original
+    BatchIterator.__next__ = original

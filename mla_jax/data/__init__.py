@@ -1,5 +1,7 @@
-"""Corpora, tokenizers, token files and the resumable batch iterator."""
+"""Corpora (text, JSON lines, parquet, token files), the token cache, tokenizers and the resumable batch iterator."""
 
 from mla_jax.data.iterator import BatchIterator, eval_batches
 from mla_jax.data.sources import Corpus, load_corpus
 from mla_jax.data.tokenizer import ByteTokenizer, load_tokenizer
+
+__all__ = ["BatchIterator", "ByteTokenizer", "Corpus", "eval_batches", "load_corpus", "load_tokenizer"]

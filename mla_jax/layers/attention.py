@@ -1,16 +1,14 @@
 """Grouped-query attention with RoPE on the whole head (MHA when kv_heads = num_heads, MQA when 1).
 
 With a cache (`mla_jax.cache.KVCache`) the new RoPE'd keys and values are written at their positions and
-the queries attend over every cache slot (the position mask hides the slots not written yet).
+the queries attend over every cache slot (the position mask hides the slots not written yet). Packed rows
+(no cache) pass `segment_ids_BT`: each token attends only within its own document (ops.attention).
 """
 
 from __future__ import annotations
 
-from typing import Optional
-
 import chex
 import jax
-import jax.numpy as jnp
 from flax import linen as nn
 
 from mla_jax import cache as cache_lib
@@ -19,14 +17,18 @@ from mla_jax.layers.common import Dense, compute_dtype, residual_scale
 from mla_jax.layers.rope import apply_rope
 from mla_jax.ops.attention import attention
 
-CACHE_AXES = ("cache_batch", "cache_sequence", "cache_heads", "cache_kv")
-
 
 class GQA(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array, cache: Optional[cache_lib.KVCache] = None):
+  def __call__(
+    self,
+    x_BTD: jax.Array,
+    positions_BT: jax.Array,
+    cache: cache_lib.KVCache | None = None,
+    segment_ids_BT: jax.Array | None = None,
+  ):
     cfg = self.cfg
     dtype = compute_dtype(cfg.dtype)
     B, T, _ = x_BTD.shape
@@ -39,13 +41,22 @@ class GQA(nn.Module):
     q_BTHD = nn.with_logical_constraint(q_BTHD, ("batch", "activation_length", "activation_heads", None))
     k_BSKD, v_BSKD, new_cache = k_BTKD, v_BTKD, None  # the keys: this call's tokens or every cache slot
     if cache is not None:
-      k_BSKD = nn.with_logical_constraint(cache_lib.write(cache.k, k_BTKD, positions_BT), CACHE_AXES)
-      v_BSKD = nn.with_logical_constraint(cache_lib.write(cache.v, v_BTKD, positions_BT), CACHE_AXES)
+      k_BSKD = nn.with_logical_constraint(cache_lib.write(cache.k, k_BTKD, positions_BT), cache.AXES["k"])
+      v_BSKD = nn.with_logical_constraint(cache_lib.write(cache.v, v_BTKD, positions_BT), cache.AXES["v"])
       new_cache = cache.replace(k=k_BSKD, v=v_BSKD)
       k_BSKD, v_BSKD = k_BSKD.astype(dtype), v_BSKD.astype(dtype)
-    o_BTHD = attention(q_BTHD, k_BSKD, v_BSKD, positions_BT, scale=Dh**-0.5, impl=cfg.attention_impl,
-                       chunk_size=cfg.attention_chunk_size)
+    o_BTHD = attention(
+      q_BTHD,
+      k_BSKD,
+      v_BSKD,
+      positions_BT,
+      scale=Dh**-0.5,
+      impl=cfg.attention_impl,
+      chunk_size=cfg.attention_chunk_size,
+      segment_ids_BT=segment_ids_BT,
+    )
     chex.assert_shape(o_BTHD, (B, T, H, Dh))
-    y_BTD = Dense(cfg.hidden_size, ("heads", "head_dim", "embed"), in_dims=2, dtype=dtype,
-                  scale=residual_scale(cfg), name="w_o")(o_BTHD)
+    y_BTD = Dense(
+      cfg.hidden_size, ("heads", "head_dim", "embed"), in_dims=2, dtype=dtype, scale=residual_scale(cfg), name="w_o"
+    )(o_BTHD)
     return y_BTD, new_cache

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Sequence, Union
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
+
+from mla_jax.pytree import path_names
 
 
 def compute_dtype(name: str) -> jnp.dtype:
@@ -20,7 +22,7 @@ class Dense(nn.Module):
   float32; the matmul runs in `dtype`. The init is truncated normal with std `scale / sqrt(fan_in)`.
   """
 
-  features: Union[int, Sequence[int]]
+  features: int | Sequence[int]
   axes: Sequence[str]
   in_dims: int = 1
   dtype: jnp.dtype = jnp.float32
@@ -29,7 +31,7 @@ class Dense(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     features = (self.features,) if isinstance(self.features, int) else tuple(self.features)
-    in_shape = x.shape[x.ndim - self.in_dims:]
+    in_shape = x.shape[x.ndim - self.in_dims :]
     shape = tuple(in_shape) + features
     fan_in = 1
     for n in in_shape:
@@ -61,8 +63,9 @@ class RMSNorm(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, (self.axis_name,)),
-                       (x.shape[-1],), jnp.float32)
+    scale = self.param(
+      "scale", nn.with_logical_partitioning(nn.initializers.ones, (self.axis_name,)), (x.shape[-1],), jnp.float32
+    )
     return rms_norm(x, scale, self.eps).astype(self.dtype)
 
 
@@ -73,9 +76,19 @@ def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
 
 
 # A parameter's role follows from its name (nn.scan's leading 'layers' axis changes its rank, not its role).
-_ROLES = {"kernel": "matrix", "conv_kernel": "matrix", "w_gate": "matrix", "w_up": "matrix", "w_down": "matrix",
-          "scale": "norm", "norm_scale": "norm",
-          "conv_bias": "vector", "dt_bias": "vector", "A_log": "vector", "D": "vector"}
+_ROLES = {
+  "kernel": "matrix",
+  "conv_kernel": "matrix",
+  "w_gate": "matrix",
+  "w_up": "matrix",
+  "w_down": "matrix",
+  "scale": "norm",
+  "norm_scale": "norm",
+  "conv_bias": "vector",
+  "dt_bias": "vector",
+  "A_log": "vector",
+  "D": "vector",
+}
 
 
 def param_role(path) -> str:
@@ -85,7 +98,7 @@ def param_role(path) -> str:
   multiply activations), 'norm' (RMSNorm scales, Mamba2's gated-norm scale) or 'vector' (biases and
   Mamba2's A_log, D and dt_bias). Weight decay and the matmul FLOP count use it.
   """
-  names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
+  names = path_names(path)
   if "embedding" in names:
     return "embedding"
   if names and names[-1] in _ROLES:

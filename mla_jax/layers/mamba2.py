@@ -1,8 +1,8 @@
 """Mamba2 mixer (Dao & Gu 2024, arXiv 2405.21060), following mamba_ssm's `Mamba2` module.
 
-x -> in_proj -> [z | xBC | dt];  xBC -> causal depthwise conv1d -> SiLU -> [x | B | C];
-dt = softplus(dt + dt_bias);  A = -exp(A_log);  y = SSD(x, dt, A, B, C) + D x;
-y = RMSNorm_grouped(y * silu(z)) * w  (mamba_ssm RMSNormGated, norm_before_gate=False);  out_proj.
+x -> in_proj -> [z | xBC | dt];  xBC -> causal depthwise conv1d (ops.conv) -> SiLU -> [x | B | C];
+dt = softplus(dt + dt_bias);  A = -exp(A_log);  y = SSD(x, dt, A, B, C) + D x (ops.ssd);
+y = RMSNorm_grouped(y * silu(z)) * w  (ops.norm: mamba_ssm RMSNormGated, norm_before_gate=False);  out_proj.
 
 Shape letters: B batch, T time, D hidden, I inner (H*P), E conv channels (I + 2*G*N), H heads, P head dim,
 G groups of B/C, N state size, K conv width, F = 2I + 2GN + H (in_proj output).
@@ -11,28 +11,20 @@ G groups of B/C, N state size, K conv width, F = 2I + 2GN + H (in_proj output).
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from mla_jax.cache import Mamba2Cache
 from mla_jax.config import ModelConfig
 from mla_jax.layers.common import Dense, compute_dtype, residual_scale
+from mla_jax.ops.conv import causal_conv
+from mla_jax.ops.norm import gated_rms_norm
 from mla_jax.ops.ssd import ssd_chunked, ssd_sequential, ssd_step
 
-Cache = dict[str, jax.Array]
-
 _SSD_IMPLS = {"chunked": ssd_chunked, "sequential": ssd_sequential}
-
-
-def init_cache(cfg: ModelConfig, batch: int, dtype: Any = jnp.float32) -> Cache:
-  """Zero decode state: conv [B, K-1, E] in `dtype` (the last K-1 conv inputs), ssm [B, H, P, N] float32."""
-  conv_dim = cfg.mamba2_inner + 2 * cfg.mamba2_n_groups * cfg.mamba2_state_size
-  return {
-      "conv": jnp.zeros((batch, cfg.mamba2_conv_kernel - 1, conv_dim), dtype),
-      "ssm": jnp.zeros((batch, cfg.mamba2_num_heads, cfg.mamba2_head_dim, cfg.mamba2_state_size), jnp.float32),
-  }
 
 
 def mamba2_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
@@ -71,44 +63,28 @@ def _a_log_init(key: jax.Array, shape: tuple[int, ...], dtype: Any = jnp.float32
   return jnp.log(jax.random.uniform(key, shape, jnp.float32, 1.0, 16.0)).astype(dtype)
 
 
-def _causal_conv(xpad_BSE: jax.Array, w_KE: jax.Array, b_E: jax.Array) -> jax.Array:
-  """Depthwise causal conv over inputs already left-padded with K-1 steps: T = S - K + 1 outputs.
-
-  out[t] = b + sum_k w[k] xpad[t + k], i.e. PyTorch Conv1d(groups=E, padding=K-1) cropped to T (float32).
-  """
-  k = w_KE.shape[0]
-  t = xpad_BSE.shape[1] - k + 1
-  x32, w32 = xpad_BSE.astype(jnp.float32), w_KE.astype(jnp.float32)
-  out_BTE = b_E.astype(jnp.float32) + x32[:, 0:t] * w32[0]
-  for i in range(1, k):
-    out_BTE = out_BTE + x32[:, i:i + t] * w32[i]
-  return out_BTE
-
-
-def gated_rms_norm(y_BTI: jax.Array, z_BTI: jax.Array, w_I: jax.Array, groups: int, eps: float) -> jax.Array:
-  """mamba_ssm RMSNormGated, norm_before_gate=False: RMSNorm(y * silu(z)) over groups of I/G, times w."""
-  b, t, i = y_BTI.shape
-  u_BTI = y_BTI.astype(jnp.float32) * jax.nn.silu(z_BTI.astype(jnp.float32))
-  u_BTGF = u_BTI.reshape(b, t, groups, i // groups)
-  u_BTGF = u_BTGF * jax.lax.rsqrt(jnp.mean(jnp.square(u_BTGF), axis=-1, keepdims=True) + eps)
-  return u_BTGF.reshape(b, t, i) * w_I.astype(jnp.float32)
-
-
 class Mamba2Mixer(nn.Module):
   """Mamba2 token mixer; `positions_BT` is accepted for interface parity with attention and ignored.
 
-  cache=None: SSD over the sequence from a zero state, returns (y, None). With a cache from `init_cache` it
+  cache=None: SSD over the sequence from a zero state, returns (y, None). With a `Mamba2Cache` it
   continues from that state (T == 1: one recurrence step; T > 1: SSD from the cached state) and returns
-  (y, new_cache). `ssd_impl` picks the sequence SSD: "chunked" (`ssd_chunked`) or its reference twin
-  "sequential" (`ssd_sequential`, a per-token scan; for tests and benchmarks).
+  (y, new_cache). `segment_ids_BT` (packed rows, no cache) is mamba_ssm's `seq_idx`: the conv window and
+  the SSD state restart from zero at every document start. `ssd_impl` picks the sequence SSD: "chunked"
+  (`ssd_chunked`) or its reference twin "sequential" (`ssd_sequential`, a per-token scan; for tests and
+  benchmarks).
   """
 
   cfg: ModelConfig
   ssd_impl: str = "chunked"
 
   @nn.compact
-  def __call__(self, x_BTD: jax.Array, positions_BT: Optional[jax.Array] = None,
-               cache: Optional[Cache] = None) -> tuple[jax.Array, Optional[Cache]]:
+  def __call__(
+    self,
+    x_BTD: jax.Array,
+    positions_BT: jax.Array | None = None,
+    cache: Mamba2Cache | None = None,
+    segment_ids_BT: jax.Array | None = None,
+  ) -> tuple[jax.Array, Mamba2Cache | None]:
     del positions_BT
     cfg = self.cfg
     dtype = compute_dtype(cfg.dtype)
@@ -124,49 +100,56 @@ class Mamba2Mixer(nn.Module):
     in_proj = Dense(2 * inner + 2 * g * n + h, axes=("embed", "ssm_inner"), dtype=dtype, name="in_proj")
     zxbcdt_BTF = in_proj(x_BTD)
     z_BTI = zxbcdt_BTF[..., :inner]
-    xBC_BTE = zxbcdt_BTF[..., inner:inner + conv_dim]
-    dt_BTH = zxbcdt_BTF[..., inner + conv_dim:]
+    xBC_BTE = zxbcdt_BTF[..., inner : inner + conv_dim]
+    dt_BTH = zxbcdt_BTF[..., inner + conv_dim :]
 
     # PyTorch Conv1d default init: U(+-1/sqrt(fan_in)) for kernel and bias, fan_in = K (depthwise).
     bound = 1.0 / math.sqrt(k)
     uniform = lambda key, shape, dtype: jax.random.uniform(key, shape, dtype, -bound, bound)
-    conv_w_KE = self.param("conv_kernel", nn.with_logical_partitioning(uniform, ("conv", "ssm_inner")),
-                           (k, conv_dim), jnp.float32)
-    conv_b_E = self.param("conv_bias", nn.with_logical_partitioning(uniform, ("ssm_inner",)), (conv_dim,),
-                          jnp.float32)
+    conv_w_KE = self.param(
+      "conv_kernel", nn.with_logical_partitioning(uniform, ("conv", "ssm_inner")), (k, conv_dim), jnp.float32
+    )
+    conv_b_E = self.param("conv_bias", nn.with_logical_partitioning(uniform, ("ssm_inner",)), (conv_dim,), jnp.float32)
     dt_bias_H = self.param(
-        "dt_bias", nn.with_logical_partitioning(
-            _dt_bias_init(cfg.mamba2_dt_min, cfg.mamba2_dt_max, cfg.mamba2_dt_init_floor), ("ssm_heads",)),
-        (h,), jnp.float32)
+      "dt_bias",
+      nn.with_logical_partitioning(
+        _dt_bias_init(cfg.mamba2_dt_min, cfg.mamba2_dt_max, cfg.mamba2_dt_init_floor), ("ssm_heads",)
+      ),
+      (h,),
+      jnp.float32,
+    )
     A_log_H = self.param("A_log", nn.with_logical_partitioning(_a_log_init, ("ssm_heads",)), (h,), jnp.float32)
     D_H = self.param("D", nn.with_logical_partitioning(nn.initializers.ones, ("ssm_heads",)), (h,), jnp.float32)
-    norm_w_I = self.param("norm_scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)), (inner,),
-                          jnp.float32)
+    norm_w_I = self.param(
+      "norm_scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)), (inner,), jnp.float32
+    )
 
-    conv_state = jnp.zeros((b, k - 1, conv_dim), dtype) if cache is None else cache["conv"]
-    xpad_BSE = jnp.concatenate([conv_state.astype(dtype), xBC_BTE.astype(dtype)], axis=1)
-    xBC_BTE = jax.nn.silu(_causal_conv(xpad_BSE, conv_w_KE, conv_b_E)).astype(dtype)
+    window_BWE = jnp.zeros((b, k - 1, conv_dim), dtype) if cache is None else cache.conv
+    conv_BTE, window_BWE = causal_conv(xBC_BTE.astype(dtype), conv_w_KE, conv_b_E, window_BWE, segment_ids_BT)
+    xBC_BTE = jax.nn.silu(conv_BTE).astype(dtype)
     x_BTHP = xBC_BTE[..., :inner].reshape(b, t, h, p)
-    B_BTGN = xBC_BTE[..., inner:inner + g * n].reshape(b, t, g, n)
-    C_BTGN = xBC_BTE[..., inner + g * n:].reshape(b, t, g, n)
+    B_BTGN = xBC_BTE[..., inner : inner + g * n].reshape(b, t, g, n)
+    C_BTGN = xBC_BTE[..., inner + g * n :].reshape(b, t, g, n)
     dt_BTH = jax.nn.softplus(dt_BTH.astype(jnp.float32) + dt_bias_H)
     A_H = -jnp.exp(A_log_H)
 
     if cache is None:
-      y_BTHP, _ = ssd(x_BTHP, dt_BTH, A_H, B_BTGN, C_BTGN, cfg.mamba2_chunk_size)
+      y_BTHP, _ = ssd(x_BTHP, dt_BTH, A_H, B_BTGN, C_BTGN, cfg.mamba2_chunk_size, seq_idx_BT=segment_ids_BT)
       new_cache = None
     else:
+      if segment_ids_BT is not None:
+        raise ValueError("segment ids are for packed rows without a cache (a cache holds one document per row)")
       if t == 1:
-        y_BHP, ssm_BHPN = ssd_step(x_BTHP[:, 0], dt_BTH[:, 0], A_H, B_BTGN[:, 0], C_BTGN[:, 0], cache["ssm"])
+        y_BHP, ssm_BHPN = ssd_step(x_BTHP[:, 0], dt_BTH[:, 0], A_H, B_BTGN[:, 0], C_BTGN[:, 0], cache.ssm)
         y_BTHP = y_BHP[:, None]
       else:
-        y_BTHP, ssm_BHPN = ssd(x_BTHP, dt_BTH, A_H, B_BTGN, C_BTGN, cfg.mamba2_chunk_size, cache["ssm"])
-      new_conv = xpad_BSE[:, xpad_BSE.shape[1] - (k - 1):]
-      new_cache = {"conv": new_conv.astype(cache["conv"].dtype), "ssm": ssm_BHPN.astype(jnp.float32)}
+        y_BTHP, ssm_BHPN = ssd(x_BTHP, dt_BTH, A_H, B_BTGN, C_BTGN, cfg.mamba2_chunk_size, cache.ssm)
+      new_cache = Mamba2Cache(conv=window_BWE, ssm=ssm_BHPN.astype(jnp.float32))
 
     y_BTHP = y_BTHP.astype(jnp.float32) + D_H[:, None] * x_BTHP.astype(jnp.float32)
     y_BTI = gated_rms_norm(y_BTHP.reshape(b, t, inner), z_BTI, norm_w_I, g, cfg.rms_norm_eps)
-    out_proj = Dense(cfg.hidden_size, axes=("ssm_inner", "embed"), dtype=dtype, scale=residual_scale(cfg),
-                     name="out_proj")
+    out_proj = Dense(
+      cfg.hidden_size, axes=("ssm_inner", "embed"), dtype=dtype, scale=residual_scale(cfg), name="out_proj"
+    )
     out_BTD = out_proj(y_BTI.astype(dtype))
     return out_BTD, new_cache

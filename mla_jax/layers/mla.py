@@ -13,11 +13,11 @@ queries attend over the whole cache. A call with T > 1 (prefill) rebuilds K and 
 (the expanded form). A one-token step (decode) with `cache.decode == "absorbed"` uses weight absorption
 (section 2.1.2): q_nope^T (W_UK c_kv) = (W_UK^T q_nope)^T c_kv, so W_UK folds into the query and W_UV into
 the output, and attention runs over the latent directly; `"expanded"` keeps the rebuilt-K/V reference.
+Packed rows (no cache) pass `segment_ids_BT` to the expanded form: each token attends only within its own
+document (ops.attention).
 """
 
 from __future__ import annotations
-
-from typing import Optional
 
 import chex
 import jax
@@ -28,10 +28,8 @@ from mla_jax import cache as cache_lib
 from mla_jax.config import ModelConfig
 from mla_jax.layers.common import Dense, RMSNorm, compute_dtype, residual_scale
 from mla_jax.layers.rope import apply_rope
-from mla_jax.ops.attention import attention, causal_mask
-
-_NEG_INF = -1e30
-CACHE_AXES = ("cache_batch", "cache_sequence", "cache_kv")
+from mla_jax.ops.attention import attention
+from mla_jax.ops.latent_attention import latent_attention
 
 
 class MLA(nn.Module):
@@ -41,7 +39,7 @@ class MLA(nn.Module):
     cfg = self.cfg
     dtype = compute_dtype(cfg.dtype)
     H, Dn, Dr, C = cfg.num_heads, cfg.head_dim, cfg.d_rope, cfg.kv_latent_dim
-    if cfg.q_latent_dim:
+    if cfg.use_q_latent:
       self.w_dq = Dense(cfg.q_latent_dim, ("embed", "q_latent"), dtype=dtype)
       if cfg.mla_latent_norms:
         self.q_norm = RMSNorm(cfg.rms_norm_eps, dtype)
@@ -57,13 +55,12 @@ class MLA(nn.Module):
       self.kv_norm = RMSNorm(cfg.rms_norm_eps, dtype)
     self.w_uk = Dense((H, Dn), ("kv_latent", "heads", "head_dim"), dtype=dtype)
     self.w_uv = Dense((H, cfg.v_head_dim), ("kv_latent", "heads", "head_dim"), dtype=dtype)
-    self.w_o = Dense(cfg.hidden_size, ("heads", "head_dim", "embed"), in_dims=2, dtype=dtype,
-                     scale=residual_scale(cfg))
+    self.w_o = Dense(cfg.hidden_size, ("heads", "head_dim", "embed"), in_dims=2, dtype=dtype, scale=residual_scale(cfg))
 
   def project_query(self, x_BTD: jax.Array, positions_BT: jax.Array):
     """Returns q_nope [B,T,H,head_dim] and RoPE'd q_rope [B,T,H,d_rope]."""
     cfg = self.cfg
-    if cfg.q_latent_dim:
+    if cfg.use_q_latent:
       c_q_BTQ = self.w_dq(x_BTD)
       if cfg.mla_latent_norms:
         c_q_BTQ = self.q_norm(c_q_BTQ)
@@ -72,7 +69,7 @@ class MLA(nn.Module):
       q_BTHK = self.w_uq(c_q_BTQ)
     else:
       q_BTHK = self.w_q(x_BTD)
-    q_nope_BTHD, q_rope_BTHR = q_BTHK[..., :cfg.head_dim], q_BTHK[..., cfg.head_dim:]
+    q_nope_BTHD, q_rope_BTHR = q_BTHK[..., : cfg.head_dim], q_BTHK[..., cfg.head_dim :]
     return q_nope_BTHD, apply_rope(q_rope_BTHR, positions_BT, cfg.rope_theta)
 
   def project_latent(self, x_BTD: jax.Array, positions_BT: jax.Array):
@@ -83,8 +80,13 @@ class MLA(nn.Module):
     k_rope_BTR = apply_rope(kv_BTK[..., None, C:], positions_BT, self.cfg.rope_theta)[:, :, 0]
     return c_kv_BTC, k_rope_BTR
 
-  def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array,
-               cache: Optional[cache_lib.MLACache] = None):
+  def __call__(
+    self,
+    x_BTD: jax.Array,
+    positions_BT: jax.Array,
+    cache: cache_lib.MLACache | None = None,
+    segment_ids_BT: jax.Array | None = None,
+  ):
     cfg = self.cfg
     B, T, _ = x_BTD.shape
     H, Dn, Dr, Dv = cfg.num_heads, cfg.head_dim, cfg.d_rope, cfg.v_head_dim
@@ -92,8 +94,10 @@ class MLA(nn.Module):
     c_kv_BTC, k_rope_BTR = self.project_latent(x_BTD, positions_BT)
     new_cache = None
     if cache is not None:
-      c_kv_BSC = nn.with_logical_constraint(cache_lib.write(cache.c_kv, c_kv_BTC, positions_BT), CACHE_AXES)
-      k_rope_BSR = nn.with_logical_constraint(cache_lib.write(cache.k_rope, k_rope_BTR, positions_BT), CACHE_AXES)
+      c_kv_BSC = nn.with_logical_constraint(cache_lib.write(cache.c_kv, c_kv_BTC, positions_BT), cache.AXES["c_kv"])
+      k_rope_BSR = nn.with_logical_constraint(
+        cache_lib.write(cache.k_rope, k_rope_BTR, positions_BT), cache.AXES["k_rope"]
+      )
       new_cache = cache.replace(c_kv=c_kv_BSC, k_rope=k_rope_BSR)
       if T == 1 and cache.decode == "absorbed" and not self.is_initializing():
         o_BTHE = self.absorbed_attention(q_nope_BTHD, q_rope_BTHR, c_kv_BSC, k_rope_BSR, positions_BT)
@@ -108,39 +112,34 @@ class MLA(nn.Module):
     q_BTHK = jnp.concatenate([q_nope_BTHD, q_rope_BTHR], axis=-1)
     k_BSHK = jnp.concatenate([k_nope_BSHD, jnp.broadcast_to(k_rope_BSR[:, :, None], (B, S, H, Dr))], axis=-1)
     q_BTHK = nn.with_logical_constraint(q_BTHK, ("batch", "activation_length", "activation_heads", None))
-    o_BTHE = attention(q_BTHK, k_BSHK, v_BSHE, positions_BT, scale=(Dn + Dr) ** -0.5,
-                       impl=cfg.attention_impl, chunk_size=cfg.attention_chunk_size)
+    o_BTHE = attention(
+      q_BTHK,
+      k_BSHK,
+      v_BSHE,
+      positions_BT,
+      scale=(Dn + Dr) ** -0.5,
+      impl=cfg.attention_impl,
+      chunk_size=cfg.attention_chunk_size,
+      segment_ids_BT=segment_ids_BT,
+    )
     chex.assert_shape(o_BTHE, (B, T, H, Dv))
     return self.w_o(o_BTHE), new_cache
 
   def absorbed_attention(self, q_nope_BTHD, q_rope_BTHR, c_kv_BSC, k_rope_BSR, positions_BT) -> jax.Array:
-    """Attention over the latent cache with W_UK and W_UV absorbed (DeepSeek-V2 section 2.1.2).
-
-    scores = ((W_UK^T q_nope) . c_kv + q_rope . k_rope) / sqrt(head_dim + d_rope)   (eq. 10, 16-17 regrouped)
-    o_h = W_UV^T (sum_s p_s c_kv_s)                                                  (eq. 11, 18 regrouped)
-    The latent is read twice (scores and weighted sum); no per-head key or value is formed.
-    """
+    """`ops.latent_attention` with this layer's W_UK and W_UV: attention over the latent cache, no per-head
+    key or value formed (DeepSeek-V2 section 2.1.2)."""
     cfg = self.cfg
-    dtype = compute_dtype(cfg.dtype)
-    B, T, H, _ = q_nope_BTHD.shape
-    S, C, R = c_kv_BSC.shape[1], cfg.kv_latent_dim, cfg.d_rope
     w_uk_CHD = self.w_uk.variables["params"]["kernel"]
     w_uv_CHE = self.w_uv.variables["params"]["kernel"]
-    chex.assert_shape(w_uk_CHD, (C, H, cfg.head_dim))
-    scale = (cfg.head_dim + cfg.d_rope) ** -0.5
-    q_abs_BTHC = jnp.einsum("bthd,chd->bthc", q_nope_BTHD.astype(dtype), w_uk_CHD.astype(dtype),
-                            preferred_element_type=jnp.float32)
-    # Queries of all T x H (position, head) pairs share the latent keys: fold them into one axis N, so each
-    # product is a plain [N, C] x [S, C]^T or [N, S] x [S, C] matmul that reads the cache in its stored
-    # layout (with a separate T axis, XLA on CPU transposes the whole cache at T = 1).
-    q_abs_BNC = q_abs_BTHC.reshape(B, T * H, C).astype(dtype)
-    q_rope_BNR = q_rope_BTHR.reshape(B, T * H, R).astype(dtype)
-    c_kv_BSC = c_kv_BSC.astype(dtype)
-    s_BNS = (jnp.einsum("bnc,bsc->bns", q_abs_BNC, c_kv_BSC, preferred_element_type=jnp.float32)
-             + jnp.einsum("bnr,bsr->bns", q_rope_BNR, k_rope_BSR.astype(dtype),
-                          preferred_element_type=jnp.float32)) * scale
-    mask_BNS = jnp.repeat(causal_mask(positions_BT, S), H, axis=1)  # row t * H + h is query position t
-    p_BNS = jax.nn.softmax(jnp.where(mask_BNS, s_BNS, _NEG_INF), axis=-1).astype(dtype)
-    o_lat_BNC = jnp.einsum("bns,bsc->bnc", p_BNS, c_kv_BSC, preferred_element_type=jnp.float32)
-    o_lat_BTHC = o_lat_BNC.reshape(B, T, H, C)
-    return jnp.einsum("bthc,che->bthe", o_lat_BTHC.astype(dtype), w_uv_CHE.astype(dtype))
+    chex.assert_shape(w_uk_CHD, (cfg.kv_latent_dim, cfg.num_heads, cfg.head_dim))
+    return latent_attention(
+      q_nope_BTHD,
+      q_rope_BTHR,
+      c_kv_BSC,
+      k_rope_BSR,
+      w_uk_CHD,
+      w_uv_CHE,
+      positions_BT,
+      scale=(cfg.head_dim + cfg.d_rope) ** -0.5,
+      dtype=compute_dtype(cfg.dtype),
+    )

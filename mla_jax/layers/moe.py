@@ -57,20 +57,27 @@ class MoE(nn.Module):
       bias_E = self.variable(BIAS_COLLECTION, "bias", jnp.zeros, (E,), jnp.float32).value
     weights_NK, experts_NK, probs_NE = moe_ops.route(logits_NE, K, cfg.norm_topk_prob, bias_E)
 
-    w_gate_EDF = self.param("w_gate", nn.with_logical_partitioning(
-        _expert_init(D), ("expert", "embed", "expert_mlp")), (E, D, F), jnp.float32)
-    w_up_EDF = self.param("w_up", nn.with_logical_partitioning(
-        _expert_init(D), ("expert", "embed", "expert_mlp")), (E, D, F), jnp.float32)
-    w_down_EFD = self.param("w_down", nn.with_logical_partitioning(
-        _expert_init(F, residual_scale(cfg)), ("expert", "expert_mlp", "embed")), (E, F, D), jnp.float32)
+    w_gate_EDF = self.param(
+      "w_gate", nn.with_logical_partitioning(_expert_init(D), ("expert", "embed", "expert_mlp")), (E, D, F), jnp.float32
+    )
+    w_up_EDF = self.param(
+      "w_up", nn.with_logical_partitioning(_expert_init(D), ("expert", "embed", "expert_mlp")), (E, D, F), jnp.float32
+    )
+    w_down_EFD = self.param(
+      "w_down",
+      nn.with_logical_partitioning(_expert_init(F, residual_scale(cfg)), ("expert", "expert_mlp", "embed")),
+      (E, F, D),
+      jnp.float32,
+    )
     experts = (w_gate_EDF, w_up_EDF, w_down_EFD)
 
     dropped_fraction = jnp.zeros((), jnp.float32)
     if cfg.moe_dispatch == "ragged":
       y_ND = moe_ops.moe_ragged(x_ND, weights_NK, experts_NK, *experts)
     elif cfg.moe_dispatch == "capacity":
-      y_ND, dropped_fraction = moe_ops.moe_capacity(x_ND, weights_NK, experts_NK, *experts,
-                                                    capacity_factor=cfg.capacity_factor)
+      y_ND, dropped_fraction = moe_ops.moe_capacity(
+        x_ND, weights_NK, experts_NK, *experts, capacity_factor=cfg.capacity_factor
+      )
     elif cfg.moe_dispatch == "dense":
       y_ND = moe_ops.moe_dense(x_ND, weights_NK, experts_NK, *experts)
     else:
@@ -84,10 +91,10 @@ class MoE(nn.Module):
       y_ND = y_ND + shared_down(jax.nn.silu(gate_NH) * up_NH)
 
     aux = {
-        "load_balance": moe_ops.load_balance_loss(probs_NE, experts_NK, E),
-        "router_z": moe_ops.router_z_loss(logits_NE),
-        "load": moe_ops.expert_load(experts_NK, E),
-        "dropped_fraction": dropped_fraction,
+      "load_balance": moe_ops.load_balance_loss(probs_NE, experts_NK, E),
+      "router_z": moe_ops.router_z_loss(logits_NE),
+      "load": moe_ops.expert_load(experts_NK, E),
+      "dropped_fraction": dropped_fraction,
     }
     return y_ND.reshape(B, T, D).astype(dtype), aux
 

@@ -18,6 +18,6 @@ def apply_rope(x_BTHD: jax.Array, positions_BT: jax.Array, theta: float) -> jax.
   cos_BT1F = jnp.cos(angles_BTF)[:, :, None, :]
   sin_BT1F = jnp.sin(angles_BTF)[:, :, None, :]
   x32 = x_BTHD.astype(jnp.float32)
-  x1, x2 = x32[..., : dim // 2], x32[..., dim // 2:]
+  x1, x2 = x32[..., : dim // 2], x32[..., dim // 2 :]
   out = jnp.concatenate([x1 * cos_BT1F - x2 * sin_BT1F, x2 * cos_BT1F + x1 * sin_BT1F], axis=-1)
   return out.astype(x_BTHD.dtype)

@@ -8,6 +8,12 @@ Keys sit at slot = position, so unwritten cache slots beyond the current positio
 that is the position mask whenever the keys are the call's own tokens (S == T), which the model only
 does at positions 0..T-1 (training, evaluation, uncached forward; a cache of T slots filled from
 position 0). With a cache (S != T) it falls back to the exact chunked form.
+
+Packed rows (several documents per row) pass `segment_ids_BT` [B, T], one id per token, keys being the
+call's own tokens (S == T; a cache holds one document per row, so cached calls take none). Positions then
+restart at each document (they feed RoPE), so the mask is by slot: key s is visible from query t iff
+s <= t and segment_ids[s] == segment_ids[t]. A token always sees itself, so no query row is fully
+masked. Without segment ids every form computes exactly what it computes unsegmented.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import functools
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
+from jax.experimental.pallas.ops.tpu import splash_attention as splash
 from jax.sharding import PartitionSpec as P
 
 _NEG_INF = -1e30
@@ -27,51 +34,104 @@ def causal_mask(q_positions_BT: jax.Array, kv_len: int) -> jax.Array:
   return jnp.arange(kv_len)[None, None, :] <= q_positions_BT[:, :, None]
 
 
-def attention_reference(q_BTHD, k_BSKD, v_BSKE, q_positions_BT, scale: float) -> jax.Array:
-  """softmax(q k^T * scale + mask) v in float32, grouping the H query heads over K kv heads."""
+def _check_segments(segment_ids_BT: jax.Array, q_BTHD: jax.Array, kv_len: int) -> None:
+  B, T = q_BTHD.shape[:2]
+  if kv_len != T:
+    raise ValueError(f"segment ids need keys that are the queries' own tokens, got {kv_len} keys for {T} queries")
+  if segment_ids_BT.shape != (B, T):
+    raise ValueError(f"segment ids {segment_ids_BT.shape} must be [batch, time] = {(B, T)}")
+
+
+def segment_causal_mask(q_slots_BT: jax.Array, q_segment_ids_BT: jax.Array, kv_segment_ids_BS: jax.Array) -> jax.Array:
+  """[B, T, S] boolean: key slot s is visible from the query at slot q_slots[t] iff s <= q_slots[t] and
+  both have the same segment id."""
+  S = kv_segment_ids_BS.shape[1]
+  same_BTS = q_segment_ids_BT[:, :, None] == kv_segment_ids_BS[:, None, :]
+  return causal_mask(q_slots_BT, S) & same_BTS
+
+
+def attention_mask(q_positions_BT: jax.Array, kv_len: int, segment_ids_BT=None) -> jax.Array:
+  """[B, T, S] boolean: the position mask without segment ids, else the slot-causal segment mask (S == T)."""
+  if segment_ids_BT is None:
+    return causal_mask(q_positions_BT, kv_len)
+  slots_BT = jnp.broadcast_to(jnp.arange(segment_ids_BT.shape[1]), segment_ids_BT.shape)
+  return segment_causal_mask(slots_BT, segment_ids_BT, segment_ids_BT)
+
+
+def _masked_attention(q_BTHD, k_BSKD, v_BSKE, mask_BTS, scale: float) -> jax.Array:
   B, T, H, D = q_BTHD.shape
   K = k_BSKD.shape[2]
   q_BTKGD = q_BTHD.reshape(B, T, K, H // K, D)
   s_BKGTS = jnp.einsum("btkgd,bskd->bkgts", q_BTKGD, k_BSKD, preferred_element_type=jnp.float32) * scale
-  mask_B11TS = causal_mask(q_positions_BT, k_BSKD.shape[1])[:, None, None]
+  mask_B11TS = mask_BTS[:, None, None]
   s_BKGTS = jnp.where(mask_B11TS, s_BKGTS, _NEG_INF)
   p_BKGTS = jax.nn.softmax(s_BKGTS, axis=-1).astype(v_BSKE.dtype)
   o_BTKGE = jnp.einsum("bkgts,bske->btkge", p_BKGTS, v_BSKE)
   return o_BTKGE.reshape(B, T, H, v_BSKE.shape[-1])
 
 
-def attention_xla(q_BTHD, k_BSKD, v_BSKE, q_positions_BT, scale: float, implementation=None) -> jax.Array:
-  """jax.nn.dot_product_attention (XLA or cuDNN). Values narrower than keys are zero-padded, then cropped."""
+def attention_reference(q_BTHD, k_BSKD, v_BSKE, q_positions_BT, scale: float, segment_ids_BT=None) -> jax.Array:
+  """softmax(q k^T * scale + mask) v in float32, grouping the H query heads over K kv heads."""
+  if segment_ids_BT is not None:
+    _check_segments(segment_ids_BT, q_BTHD, k_BSKD.shape[1])
+  mask_BTS = attention_mask(q_positions_BT, k_BSKD.shape[1], segment_ids_BT)
+  return _masked_attention(q_BTHD, k_BSKD, v_BSKE, mask_BTS, scale)
+
+
+def attention_xla(
+  q_BTHD, k_BSKD, v_BSKE, q_positions_BT, scale: float, implementation=None, segment_ids_BT=None
+) -> jax.Array:
+  """jax.nn.dot_product_attention (XLA or cuDNN). Values narrower than keys are zero-padded, then cropped.
+
+  The mask (position or segment) goes in as `mask`; cuDNN turns it into an additive bias, so its run
+  time does not depend on the segments.
+  """
   D, E = q_BTHD.shape[-1], v_BSKE.shape[-1]
+  if segment_ids_BT is not None:
+    _check_segments(segment_ids_BT, q_BTHD, k_BSKD.shape[1])
   if E < D:
     v_BSKE = jnp.pad(v_BSKE, ((0, 0), (0, 0), (0, 0), (0, D - E)))
-  mask_B1TS = causal_mask(q_positions_BT, k_BSKD.shape[1])[:, None]
-  o_BTHD = jax.nn.dot_product_attention(q_BTHD, k_BSKD, v_BSKE, mask=mask_B1TS, scale=scale,
-                                        implementation=implementation)
+  mask_B1TS = attention_mask(q_positions_BT, k_BSKD.shape[1], segment_ids_BT)[:, None]
+  o_BTHD = jax.nn.dot_product_attention(
+    q_BTHD, k_BSKD, v_BSKE, mask=mask_B1TS, scale=scale, implementation=implementation
+  )
   return o_BTHD[..., :E]
 
 
-def attention_chunked(q_BTHD, k_BSKD, v_BSKE, q_positions_BT, scale: float, chunk_size: int) -> jax.Array:
+def attention_chunked(
+  q_BTHD, k_BSKD, v_BSKE, q_positions_BT, scale: float, chunk_size: int, segment_ids_BT=None
+) -> jax.Array:
   """The reference applied to blocks of `chunk_size` queries, each rematerialised in the backward pass.
 
   Peak memory is O(chunk_size * S) per head instead of O(T * S); the result is the reference's exactly.
+  With segment ids each block carries its queries' slots (in place of positions) and segment ids.
   """
   B, T, H, D = q_BTHD.shape
-  if T <= chunk_size:
-    return attention_reference(q_BTHD, k_BSKD, v_BSKE, q_positions_BT, scale)
+  if chunk_size >= T:
+    return attention_reference(q_BTHD, k_BSKD, v_BSKE, q_positions_BT, scale, segment_ids_BT)
+  if segment_ids_BT is not None:
+    _check_segments(segment_ids_BT, q_BTHD, k_BSKD.shape[1])
+    q_positions_BT = jnp.broadcast_to(jnp.arange(T), (B, T))  # slots: the segment mask is by slot
   n = -(-T // chunk_size)
   pad = n * chunk_size - T
   q_pad = jnp.pad(q_BTHD, ((0, 0), (0, pad), (0, 0), (0, 0)))
   pos_pad = jnp.pad(q_positions_BT, ((0, 0), (0, pad)))
   q_NBCHD = q_pad.reshape(B, n, chunk_size, H, D).swapaxes(0, 1)
   pos_NBC = pos_pad.reshape(B, n, chunk_size).swapaxes(0, 1)
+  seg_NBC = None
+  if segment_ids_BT is not None:  # padded query rows (cropped below) get segment 0
+    seg_NBC = jnp.pad(segment_ids_BT, ((0, 0), (0, pad))).reshape(B, n, chunk_size).swapaxes(0, 1)
 
   @jax.checkpoint
   def block(args):
-    q_BCHD, pos_BC = args
-    return attention_reference(q_BCHD, k_BSKD, v_BSKE, pos_BC, scale)
+    q_BCHD, pos_BC, seg_BC = args
+    if seg_BC is None:
+      mask_BCS = causal_mask(pos_BC, k_BSKD.shape[1])
+    else:
+      mask_BCS = segment_causal_mask(pos_BC, seg_BC, segment_ids_BT)
+    return _masked_attention(q_BCHD, k_BSKD, v_BSKE, mask_BCS, scale)
 
-  o_NBCHE = jax.lax.map(block, (q_NBCHD, pos_NBC))
+  o_NBCHE = jax.lax.map(block, (q_NBCHD, pos_NBC, seg_NBC))
   return o_NBCHE.swapaxes(0, 1).reshape(B, n * chunk_size, H, -1)[:, :T]
 
 
@@ -82,21 +142,29 @@ def _flash_blocks(T: int) -> int:
 
 def _splash_kernel(heads: int, T: int, interpret: bool):
   """A causal splash attention kernel for [heads, T, D] queries (its block tables become constants)."""
-  from jax.experimental.pallas.ops.tpu import splash_attention as splash  # pylint: disable=g-import-not-at-top
   b = _flash_blocks(T)
-  sizes = splash.BlockSizes(block_q=b, block_kv=b, block_kv_compute=b, block_q_dkv=b, block_kv_dkv=b,
-                            block_kv_dkv_compute=b, block_q_dq=b, block_kv_dq=b)
+  sizes = splash.BlockSizes(
+    block_q=b,
+    block_kv=b,
+    block_kv_compute=b,
+    block_q_dkv=b,
+    block_kv_dkv=b,
+    block_kv_dkv_compute=b,
+    block_q_dq=b,
+    block_kv_dq=b,
+  )
   mask = splash.MultiHeadMask([splash.CausalMask((T, T)) for _ in range(heads)])
   return splash.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
 
 
-def attention_flash_local(q_BTHD, k_BTKD, v_BTKE, scale: float, interpret: bool) -> jax.Array:
+def attention_flash_local(q_BTHD, k_BTKD, v_BTKE, scale: float, interpret: bool, segment_ids_BT=None) -> jax.Array:
   """Causal splash attention on one device's arrays: B is vmapped, heads are grouped inside the kernel.
 
   The kernel takes [heads, T, width] per sequence, any head widths (value width may differ from key
   width; a block spans the whole head width), and T a multiple of 128 (its lane width): T is zero-padded
   at the end, which causality keeps invisible to the real queries, and the padded rows are cropped.
-  It has no softmax scale, so q is scaled first.
+  It has no softmax scale, so q is scaled first. Segment ids go to the kernel's own `SegmentIds`
+  (and-ed with its causal mask); the padding gets segment -1.
   """
   B, T, H, _ = q_BTHD.shape
   Tp = -(-T // 128) * 128
@@ -105,23 +173,40 @@ def attention_flash_local(q_BTHD, k_BTKD, v_BTKE, scale: float, interpret: bool)
   k_BKTD = jnp.pad(k_BTKD, pad).transpose(0, 2, 1, 3)
   v_BKTE = jnp.pad(v_BTKE, pad).transpose(0, 2, 1, 3)
   kernel = _splash_kernel(H, Tp, interpret)
-  o_BHTE = jax.vmap(kernel)(q_BHTD, k_BKTD, v_BKTE)
+  if segment_ids_BT is None:
+    o_BHTE = jax.vmap(kernel)(q_BHTD, k_BKTD, v_BKTE)
+  else:
+    seg_BT = jnp.pad(segment_ids_BT.astype(jnp.int32), ((0, 0), (0, Tp - T)), constant_values=-1)
+    o_BHTE = jax.vmap(lambda q, k, v, seg: kernel(q, k, v, segment_ids=splash.SegmentIds(q=seg, kv=seg)))(
+      q_BHTD, k_BKTD, v_BKTE, seg_BT
+    )
   return o_BHTE.transpose(0, 2, 1, 3)[:, :T]
 
 
-def attention_flash(q_BTHD, k_BTKD, v_BTKE, scale: float, platform: str) -> jax.Array:
-  """Causal splash attention (keys = the queries' own tokens, positions 0..T-1); Pallas interpret mode
-  off TPU. Under a mesh the kernel runs per shard (shard_map): batch over the `batch` rule's axes, heads
-  over `activation_heads`'s, the sequence whole."""
+def attention_flash(q_BTHD, k_BTKD, v_BTKE, scale: float, platform: str, segment_ids_BT=None) -> jax.Array:
+  """Causal splash attention (keys = the queries' own tokens, positions 0..T-1, or slots with segment
+  ids); Pallas interpret mode off TPU. Under a mesh the kernel runs per shard (shard_map): batch over
+  the `batch` rule's axes, heads over `activation_heads`'s, the sequence whole."""
   interpret = platform != "tpu"
+  if segment_ids_BT is not None:
+    _check_segments(segment_ids_BT, q_BTHD, k_BTKD.shape[1])
   fn = functools.partial(attention_flash_local, scale=scale, interpret=interpret)
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or mesh.size == 1:
-    return fn(q_BTHD, k_BTKD, v_BTKE)
+    return fn(q_BTHD, k_BTKD, v_BTKE, segment_ids_BT=segment_ids_BT)
   batch, _, heads, _ = nn.logical_to_mesh_axes(("batch", "activation_length", "activation_heads", None))
   spec = P(batch, None, heads, None)
-  return jax.shard_map(fn, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec,
-                       check_vma=False)(q_BTHD, k_BTKD, v_BTKE)
+  if segment_ids_BT is None:
+    return jax.shard_map(fn, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec, check_vma=False)(
+      q_BTHD, k_BTKD, v_BTKE
+    )
+  return jax.shard_map(
+    lambda q, k, v, seg: fn(q, k, v, segment_ids_BT=seg),
+    mesh=mesh,
+    in_specs=(spec, spec, spec, P(batch, None)),
+    out_specs=spec,
+    check_vma=False,
+  )(q_BTHD, k_BTKD, v_BTKE, segment_ids_BT)
 
 
 def current_platform() -> str:
@@ -150,19 +235,36 @@ def resolve_impl(impl: str, dtype, seq_len: int = 0, platform: str | None = None
   return "chunked" if seq_len > CPU_CHUNKED_ABOVE else "reference"
 
 
-def attention(q_BTHD, k_BSKD, v_BSKE, q_positions_BT, *, scale: float, impl: str = "auto",
-              chunk_size: int = 512) -> jax.Array:
-  """Dispatches to one implementation; all of them compute attention_reference's result."""
+def attention(
+  q_BTHD,
+  k_BSKD,
+  v_BSKE,
+  q_positions_BT,
+  *,
+  scale: float,
+  impl: str = "auto",
+  chunk_size: int = 512,
+  segment_ids_BT=None,
+) -> jax.Array:
+  """Dispatches to one implementation; all of them compute attention_reference's result.
+
+  `segment_ids_BT` [B, T] (optional; keys must be the call's own tokens, S == T) keeps each query inside
+  its own segment, on top of causality by slot.
+  """
   platform = current_platform()
   impl = resolve_impl(impl, q_BTHD.dtype, q_BTHD.shape[1], platform)
+  if segment_ids_BT is not None:
+    _check_segments(segment_ids_BT, q_BTHD, k_BSKD.shape[1])
   if impl == "flash" and k_BSKD.shape[1] != q_BTHD.shape[1]:
     impl = "chunked"  # keys from a cache: the position mask is not the plain causal one
   if impl == "reference":
-    return attention_reference(q_BTHD, k_BSKD, v_BSKE, q_positions_BT, scale)
+    return attention_reference(q_BTHD, k_BSKD, v_BSKE, q_positions_BT, scale, segment_ids_BT)
   if impl == "chunked":
-    return attention_chunked(q_BTHD, k_BSKD, v_BSKE, q_positions_BT, scale, chunk_size)
+    return attention_chunked(q_BTHD, k_BSKD, v_BSKE, q_positions_BT, scale, chunk_size, segment_ids_BT)
   if impl in ("xla", "cudnn"):
-    return attention_xla(q_BTHD, k_BSKD, v_BSKE, q_positions_BT, scale, implementation=impl)
+    return attention_xla(
+      q_BTHD, k_BSKD, v_BSKE, q_positions_BT, scale, implementation=impl, segment_ids_BT=segment_ids_BT
+    )
   if impl == "flash":
-    return attention_flash(q_BTHD, k_BSKD, v_BSKE, scale, platform)
+    return attention_flash(q_BTHD, k_BSKD, v_BSKE, scale, platform, segment_ids_BT)
   raise ValueError(f"unknown attention implementation {impl!r}")

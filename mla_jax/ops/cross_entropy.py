@@ -13,7 +13,6 @@ each chunk is rematerialised, so backward recomputes that chunk's logits instead
 from __future__ import annotations
 
 import functools
-from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -28,7 +27,7 @@ def head_logits(hidden_BTD: jax.Array, head_DV: jax.Array) -> jax.Array:
   return nn.with_logical_constraint(logits_BTV, LOGITS_AXES).astype(jnp.float32)
 
 
-def cross_entropy(logits_BTV: jax.Array, targets_BT: jax.Array, weights_BT: Optional[jax.Array] = None):
+def cross_entropy(logits_BTV: jax.Array, targets_BT: jax.Array, weights_BT: jax.Array | None = None):
   """(sum of token losses, sum of weights, sum of logsumexp^2) from logits, in float32."""
   logits_BTV = logits_BTV.astype(jnp.float32)
   lse_BT = jax.nn.logsumexp(logits_BTV, axis=-1)

@@ -21,15 +21,16 @@ probabilities, combine weights, the weighted sum and moe_blocked's weight gradie
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
 
-def route(logits_TE: jax.Array, k: int, norm_topk_prob: bool,
-          bias_E: Optional[jax.Array] = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+def route(
+  logits_TE: jax.Array, k: int, norm_topk_prob: bool, bias_E: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Top-k softmax router. Returns (weights_TK float32, experts_TK int32, probs_TE float32).
 
   p_t = softmax(logits_t) in float32. The k experts are the top-k of p_t + bias (DeepSeek-V3 §2.1.2,
@@ -84,8 +85,14 @@ def _swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
   return jax.nn.silu(gate) * up
 
 
-def moe_ragged(x_TD: jax.Array, weights_TK: jax.Array, experts_TK: jax.Array, w_gate_EDF: jax.Array,
-               w_up_EDF: jax.Array, w_down_EFD: jax.Array) -> jax.Array:
+def moe_ragged(
+  x_TD: jax.Array,
+  weights_TK: jax.Array,
+  experts_TK: jax.Array,
+  w_gate_EDF: jax.Array,
+  w_up_EDF: jax.Array,
+  w_down_EFD: jax.Array,
+) -> jax.Array:
   """Dropless MoE (moe_dispatch='ragged'): every assignment is computed, none is dropped.
 
   On CPU this is `moe_blocked` with its default block size; on GPU and TPU it is `moe_ragged_dot`. The
@@ -141,8 +148,7 @@ def block_layout(experts_TK: jax.Array, num_experts: int, block_size: int) -> Bl
   group_start_E = jnp.cumsum(counts_E) - counts_E  # first sorted position of each expert
   row_start_E = (block_end_E - blocks_E) * M  # first block row of each expert
   sorted_experts_S = flat_S[order_S]
-  sorted_rows_S = (row_start_E[sorted_experts_S] + jnp.arange(S, dtype=jnp.int32)
-                   - group_start_E[sorted_experts_S])
+  sorted_rows_S = row_start_E[sorted_experts_S] + jnp.arange(S, dtype=jnp.int32) - group_start_E[sorted_experts_S]
   row_S = jnp.zeros(S, jnp.int32).at[order_S].set(sorted_rows_S)
   token_R = jnp.full(N * M, T, jnp.int32).at[row_S].set(jnp.arange(S, dtype=jnp.int32) // K)
   expert_N = jnp.searchsorted(block_end_E, jnp.arange(N, dtype=jnp.int32), side="right")
@@ -191,8 +197,9 @@ def _blocked_swiglu(x_NMD, expert_N, num_blocks, w_gate_EDF, w_up_EDF, w_down_EF
 
 
 def _blocked_swiglu_fwd(x_NMD, expert_N, num_blocks, w_gate_EDF, w_up_EDF, w_down_EFD):
-  out_NMD, gate_NMF, up_NMF = _blocked_swiglu_loop(x_NMD, expert_N, num_blocks, w_gate_EDF, w_up_EDF,
-                                                   w_down_EFD, save=True)
+  out_NMD, gate_NMF, up_NMF = _blocked_swiglu_loop(
+    x_NMD, expert_N, num_blocks, w_gate_EDF, w_up_EDF, w_down_EFD, save=True
+  )
   return out_NMD, (x_NMD, expert_N, num_blocks, w_gate_EDF, w_up_EDF, w_down_EFD, gate_NMF, up_NMF)
 
 
@@ -211,27 +218,44 @@ def _blocked_swiglu_bwd(residuals, dout_NMD):
     dup_MF = (dhidden_MF * gate32_MF * sig_MF).astype(dtype)
     # d silu(g) / dg = sigmoid(g) * (1 + g * (1 - sigmoid(g))).
     dgate_MF = (dhidden_MF * up32_MF * sig_MF * (1.0 + gate32_MF * (1.0 - sig_MF))).astype(dtype)
-    dw_down_EFD = dw_down_EFD.at[e].add(
-        jnp.dot(_swiglu(gate_MF, up_MF).T, dout_MD, preferred_element_type=f32))
+    dw_down_EFD = dw_down_EFD.at[e].add(jnp.dot(_swiglu(gate_MF, up_MF).T, dout_MD, preferred_element_type=f32))
     dw_gate_EDF = dw_gate_EDF.at[e].add(jnp.dot(x_MD.T, dgate_MF, preferred_element_type=f32))
     dw_up_EDF = dw_up_EDF.at[e].add(jnp.dot(x_MD.T, dup_MF, preferred_element_type=f32))
-    dx_MD = (jnp.dot(dgate_MF, _expert(w_gate_EDF, e, dtype).T, preferred_element_type=f32)
-             + jnp.dot(dup_MF, _expert(w_up_EDF, e, dtype).T, preferred_element_type=f32))
+    dx_MD = jnp.dot(dgate_MF, _expert(w_gate_EDF, e, dtype).T, preferred_element_type=f32) + jnp.dot(
+      dup_MF, _expert(w_up_EDF, e, dtype).T, preferred_element_type=f32
+    )
     return dx_NMD.at[n].set(dx_MD.astype(dtype)), dw_gate_EDF, dw_up_EDF, dw_down_EFD
 
-  init = (jnp.zeros_like(x_NMD), jnp.zeros(w_gate_EDF.shape, f32), jnp.zeros(w_up_EDF.shape, f32),
-          jnp.zeros(w_down_EFD.shape, f32))
+  init = (
+    jnp.zeros_like(x_NMD),
+    jnp.zeros(w_gate_EDF.shape, f32),
+    jnp.zeros(w_up_EDF.shape, f32),
+    jnp.zeros(w_down_EFD.shape, f32),
+  )
   dx_NMD, dw_gate_EDF, dw_up_EDF, dw_down_EFD = jax.lax.fori_loop(0, num_blocks, body, init)
   # No cotangent for the integer block experts and block count.
-  return (dx_NMD, None, None, dw_gate_EDF.astype(w_gate_EDF.dtype), dw_up_EDF.astype(w_up_EDF.dtype),
-          dw_down_EFD.astype(w_down_EFD.dtype))
+  return (
+    dx_NMD,
+    None,
+    None,
+    dw_gate_EDF.astype(w_gate_EDF.dtype),
+    dw_up_EDF.astype(w_up_EDF.dtype),
+    dw_down_EFD.astype(w_down_EFD.dtype),
+  )
 
 
 _blocked_swiglu.defvjp(_blocked_swiglu_fwd, _blocked_swiglu_bwd)
 
 
-def moe_blocked(x_TD: jax.Array, weights_TK: jax.Array, experts_TK: jax.Array, w_gate_EDF: jax.Array,
-                w_up_EDF: jax.Array, w_down_EFD: jax.Array, block_size: Optional[int] = None) -> jax.Array:
+def moe_blocked(
+  x_TD: jax.Array,
+  weights_TK: jax.Array,
+  experts_TK: jax.Array,
+  w_gate_EDF: jax.Array,
+  w_up_EDF: jax.Array,
+  w_down_EFD: jax.Array,
+  block_size: int | None = None,
+) -> jax.Array:
   """Dropless MoE by block-grouped matmuls: exact, no assignment dropped, for backends without ragged_dot.
 
   The assignments are sorted by expert and each expert's group is padded with zero rows to whole blocks
@@ -252,8 +276,14 @@ def moe_blocked(x_TD: jax.Array, weights_TK: jax.Array, experts_TK: jax.Array, w
   return y_TD.astype(x_TD.dtype)
 
 
-def moe_ragged_dot(x_TD: jax.Array, weights_TK: jax.Array, experts_TK: jax.Array, w_gate_EDF: jax.Array,
-                   w_up_EDF: jax.Array, w_down_EFD: jax.Array) -> jax.Array:
+def moe_ragged_dot(
+  x_TD: jax.Array,
+  weights_TK: jax.Array,
+  experts_TK: jax.Array,
+  w_gate_EDF: jax.Array,
+  w_up_EDF: jax.Array,
+  w_down_EFD: jax.Array,
+) -> jax.Array:
   """Dropless MoE through lax.ragged_dot: assignments sorted by expert, one grouped matmul per
   projection, un-sorted, summed.
 
@@ -284,9 +314,15 @@ def capacity(num_tokens: int, k: int, num_experts: int, capacity_factor: float) 
   return max(1, min(num_tokens, math.ceil(num_tokens * k / num_experts * capacity_factor)))
 
 
-def moe_capacity(x_TD: jax.Array, weights_TK: jax.Array, experts_TK: jax.Array, w_gate_EDF: jax.Array,
-                 w_up_EDF: jax.Array, w_down_EFD: jax.Array,
-                 capacity_factor: float) -> tuple[jax.Array, jax.Array]:
+def moe_capacity(
+  x_TD: jax.Array,
+  weights_TK: jax.Array,
+  experts_TK: jax.Array,
+  w_gate_EDF: jax.Array,
+  w_up_EDF: jax.Array,
+  w_down_EFD: jax.Array,
+  capacity_factor: float,
+) -> tuple[jax.Array, jax.Array]:
   """GShard-style capacity MoE. Returns (y_TD, dropped_fraction float32 scalar).
 
   Each expert has a buffer of C slots. The slots are given out in the order: every token's first
@@ -315,8 +351,7 @@ def moe_capacity(x_TD: jax.Array, weights_TK: jax.Array, experts_TK: jax.Array, 
   slot_KTC = jax.nn.one_hot(position_KT, C, dtype=jnp.float32)
   dispatch_TEC = jnp.einsum("kte,ktc->tec", mask_KTE.astype(jnp.float32), slot_KTC)
   # Each (e, c) slot holds at most one assignment, so its weight is a sum with at most one term.
-  weight_EC = jnp.einsum("kt,kte,ktc->ec", weights_TK.T.astype(jnp.float32),
-                         mask_KTE.astype(jnp.float32), slot_KTC)
+  weight_EC = jnp.einsum("kt,kte,ktc->ec", weights_TK.T.astype(jnp.float32), mask_KTE.astype(jnp.float32), slot_KTC)
   dispatch_TEC = dispatch_TEC.astype(dtype)
 
   x_ECD = jnp.einsum("tec,td->ecd", dispatch_TEC, x_TD)
@@ -331,13 +366,20 @@ def moe_capacity(x_TD: jax.Array, weights_TK: jax.Array, experts_TK: jax.Array, 
   return y_TD.astype(dtype), dropped_fraction
 
 
-def moe_dense(x_TD: jax.Array, weights_TK: jax.Array, experts_TK: jax.Array, w_gate_EDF: jax.Array,
-              w_up_EDF: jax.Array, w_down_EFD: jax.Array) -> jax.Array:
+def moe_dense(
+  x_TD: jax.Array,
+  weights_TK: jax.Array,
+  experts_TK: jax.Array,
+  w_gate_EDF: jax.Array,
+  w_up_EDF: jax.Array,
+  w_down_EFD: jax.Array,
+) -> jax.Array:
   """Reference: all E experts on all T tokens, combined by the dense weights c_te = sum_k w_tk [e_tk = e]."""
   E = w_gate_EDF.shape[0]
   dtype = x_TD.dtype
-  combine_TE = jnp.einsum("tk,tke->te", weights_TK.astype(jnp.float32),
-                          jax.nn.one_hot(experts_TK, E, dtype=jnp.float32))
+  combine_TE = jnp.einsum(
+    "tk,tke->te", weights_TK.astype(jnp.float32), jax.nn.one_hot(experts_TK, E, dtype=jnp.float32)
+  )
   gate_TEF = jnp.einsum("td,edf->tef", x_TD, w_gate_EDF.astype(dtype))
   up_TEF = jnp.einsum("td,edf->tef", x_TD, w_up_EDF.astype(dtype))
   out_TED = jnp.einsum("tef,efd->ted", _swiglu(gate_TEF, up_TEF), w_down_EFD.astype(dtype))

@@ -13,13 +13,17 @@ are NOT pre-multiplied by dt; every function forms dt*x and dt*A itself. B and C
 by H/G heads each: head h reads group h // (H/G). The skip term D*x is not part of these ops: the Mamba2
 layer adds it. All decay, cumsum and exp math (and the state) is float32; y comes back in x's dtype.
 
+Packed rows (several documents per row) pass `seq_idx_BT` [B, T], a document id per token (mamba_ssm's
+`seq_idx`; non-decreasing along the row). The state resets to zero wherever the id changes from one
+token to the next, so no decay or input crosses a document boundary; the initial state (if any) feeds
+the row's first document, and the final state is the last document's. (mamba_ssm ties the initial state
+to id 0; the two agree for rows whose ids start at 0.) Without seq_idx nothing changes.
+
 Shape letters: B batch, T time, H heads, P head dim, N state size, G groups, R heads per group (H/G),
 C chunks, Q chunk length (the L of the paper), S source position inside a chunk.
 """
 
 from __future__ import annotations
-
-from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -42,8 +46,9 @@ def segsum(x: jax.Array) -> jax.Array:
   return jnp.where(i[:, None] >= i[None, :], x_TT, -jnp.inf)
 
 
-def _check_shapes(x_BTHP: jax.Array, dt_BTH: jax.Array, A_H: jax.Array, B_BTGN: jax.Array,
-                  C_BTGN: jax.Array) -> tuple[int, int]:
+def _check_shapes(
+  x_BTHP: jax.Array, dt_BTH: jax.Array, A_H: jax.Array, B_BTGN: jax.Array, C_BTGN: jax.Array
+) -> tuple[int, int]:
   b, t, h, _ = x_BTHP.shape
   g, n = B_BTGN.shape[-2:]
   if dt_BTH.shape != (b, t, h) or A_H.shape != (h,):
@@ -55,15 +60,39 @@ def _check_shapes(x_BTHP: jax.Array, dt_BTH: jax.Array, A_H: jax.Array, B_BTGN: 
   return g, n
 
 
-def ssd_chunked(x_BTHP: jax.Array, dt_BTH: jax.Array, A_H: jax.Array, B_BTGN: jax.Array,
-                C_BTGN: jax.Array, chunk_size: int,
-                initial_state_BHPN: Optional[jax.Array] = None) -> tuple[jax.Array, jax.Array]:
+def document_index(seq_idx_BT: jax.Array) -> jax.Array:
+  """int32 [B, T]: 0 on the row's first document, +1 at every token whose id differs from the previous
+  token's. Non-decreasing whatever the ids, so "same document" is equality and no run is rejoined."""
+  new_BT = (seq_idx_BT[:, 1:] != seq_idx_BT[:, :-1]).astype(jnp.int32)
+  return jnp.concatenate([jnp.zeros((new_BT.shape[0], 1), jnp.int32), jnp.cumsum(new_BT, axis=1)], axis=1)
+
+
+def _documents(seq_idx_BT: jax.Array, x_BTHP: jax.Array) -> jax.Array:
+  if seq_idx_BT.shape != x_BTHP.shape[:2]:
+    raise ValueError(f"seq_idx {seq_idx_BT.shape} must be [batch, time] = {x_BTHP.shape[:2]}")
+  return document_index(seq_idx_BT)
+
+
+def ssd_chunked(
+  x_BTHP: jax.Array,
+  dt_BTH: jax.Array,
+  A_H: jax.Array,
+  B_BTGN: jax.Array,
+  C_BTGN: jax.Array,
+  chunk_size: int,
+  initial_state_BHPN: jax.Array | None = None,
+  seq_idx_BT: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array]:
   """Chunked SSD (paper Listing 1) -> (y_BTHP in x's dtype, final_state_BHPN float32). No D term.
 
   T need not divide by chunk_size: the tail is padded with dt = 0 (decay 1, no input), which leaves the
   final state unchanged, and y is cropped. The recurrence across chunks is a lax.scan over chunks.
+  With seq_idx, as in mamba_ssm's kernels, every decay between two tokens of different documents is
+  zero: in the diagonal blocks, in each chunk's own end state, in the carry into the next chunk, and
+  in the entering state's contribution.
   """
   g, n = _check_shapes(x_BTHP, dt_BTH, A_H, B_BTGN, C_BTGN)
+  doc_BT = None if seq_idx_BT is None else _documents(seq_idx_BT, x_BTHP)
   b, t, h, p = x_BTHP.shape
   r = h // g
   out_dtype = x_BTHP.dtype
@@ -79,7 +108,10 @@ def ssd_chunked(x_BTHP: jax.Array, dt_BTH: jax.Array, A_H: jax.Array, B_BTGN: ja
   B_BTGN, C_BTGN = B_BTGN.astype(_F32), C_BTGN.astype(_F32)
   if pad:  # dt = 0 on the tail: dA = 0 (decay 1) and dt*x = 0, so the final state is unchanged
     xdt_BTHP, dA_BTH, B_BTGN, C_BTGN = (
-        jnp.pad(a, ((0, 0), (0, pad)) + ((0, 0),) * (a.ndim - 2)) for a in (xdt_BTHP, dA_BTH, B_BTGN, C_BTGN))
+      jnp.pad(a, ((0, 0), (0, pad)) + ((0, 0),) * (a.ndim - 2)) for a in (xdt_BTHP, dA_BTH, B_BTGN, C_BTGN)
+    )
+    if doc_BT is not None:  # the tail stays in the last document
+      doc_BT = jnp.pad(doc_BT, ((0, 0), (0, pad)), mode="edge")
 
   x_BCQGRP = xdt_BTHP.reshape(b, c, q, g, r, p)  # already dt * x
   B_BCQGN = B_BTGN.reshape(b, c, q, g, n)
@@ -89,11 +121,19 @@ def ssd_chunked(x_BTHP: jax.Array, dt_BTH: jax.Array, A_H: jax.Array, B_BTGN: ja
 
   # 1. Diagonal blocks: y_l = sum_{s<=l} (C_l . B_s) exp(sum_{s<k<=l} dA_k) dt_s x_s  (Listing 1, Y_diag).
   L_BCGRQS = jnp.exp(segsum(dA_BCGRQ))
+  if doc_BT is not None:
+    doc_BCQ = doc_BT.reshape(b, c, q)
+    same_BC11QS = (doc_BCQ[:, :, :, None] == doc_BCQ[:, :, None, :])[:, :, None, None]
+    L_BCGRQS = jnp.where(same_BC11QS, L_BCGRQS, 0.0)
   CB_BCGQS = jnp.einsum("bclgn,bcsgn->bcgls", C_BCQGN, B_BCQGN)
   y_BCGRQP = jnp.einsum("bcgrls,bcsgrp->bcgrlp", CB_BCGQS[:, :, :, None] * L_BCGRQS, x_BCQGRP)
 
   # 2. State at the end of each chunk from its own inputs (Listing 1, `states`).
   decay_BCGRQ = jnp.exp(dAcs_BCGRQ[..., -1:] - dAcs_BCGRQ)
+  if doc_BT is not None:  # only the document at the chunk's end reaches its end state
+    last_BC = doc_BCQ[:, :, -1]
+    prev_last_BC = jnp.concatenate([jnp.zeros((b, 1), jnp.int32), last_BC[:, :-1]], axis=1)
+    decay_BCGRQ = jnp.where((doc_BCQ == last_BC[..., None])[:, :, None, None], decay_BCGRQ, 0.0)
   xd_BCQGRP = x_BCQGRP * decay_BCGRQ.transpose(0, 1, 4, 2, 3)[..., None]
   states_BCGRPN = jnp.einsum("bclgn,bclgrp->bcgrpn", B_BCQGN, xd_BCQGRP)
 
@@ -104,7 +144,10 @@ def ssd_chunked(x_BTHP: jax.Array, dt_BTH: jax.Array, A_H: jax.Array, B_BTGN: ja
     h0_BGRPN = jnp.zeros((b, g, r, p, n), _F32)
   else:
     h0_BGRPN = initial_state_BHPN.astype(_F32).reshape(b, g, r, p, n)
-  chunk_decay_CBGR = jnp.exp(dAcs_BCGRQ[..., -1]).transpose(1, 0, 2, 3)
+  chunk_decay_BCGR = jnp.exp(dAcs_BCGRQ[..., -1])
+  if doc_BT is not None:  # the carry survives a chunk only if the chunk ends in the carry's document
+    chunk_decay_BCGR = jnp.where((last_BC == prev_last_BC)[..., None, None], chunk_decay_BCGR, 0.0)
+  chunk_decay_CBGR = chunk_decay_BCGR.transpose(1, 0, 2, 3)
 
   def step(h_BGRPN, inputs):
     decay_BGR, s_BGRPN = inputs
@@ -115,14 +158,18 @@ def ssd_chunked(x_BTHP: jax.Array, dt_BTH: jax.Array, A_H: jax.Array, B_BTGN: ja
 
   # 4. Contribution of the state entering each chunk: y_l += exp(dAcs_l) H_{c-1} C_l (Listing 1, Y_off).
   y_off_BCGRQP = jnp.einsum("bclgn,cbgrpn->bcgrlp", C_BCQGN, prev_CBGRPN)
-  y_BCGRQP = y_BCGRQP + y_off_BCGRQP * jnp.exp(dAcs_BCGRQ)[..., None]
+  in_decay_BCGRQ = jnp.exp(dAcs_BCGRQ)
+  if doc_BT is not None:  # the entering state reaches only the tokens of its own document
+    in_decay_BCGRQ = jnp.where((doc_BCQ == prev_last_BC[..., None])[:, :, None, None], in_decay_BCGRQ, 0.0)
+  y_BCGRQP = y_BCGRQP + y_off_BCGRQP * in_decay_BCGRQ[..., None]
 
   y_BTHP = y_BCGRQP.transpose(0, 1, 4, 2, 3, 5).reshape(b, c * q, h, p)[:, :t]
   return y_BTHP.astype(out_dtype), final_BGRPN.reshape(b, h, p, n)
 
 
-def ssd_step(x_BHP: jax.Array, dt_BH: jax.Array, A_H: jax.Array, B_BGN: jax.Array, C_BGN: jax.Array,
-             state_BHPN: jax.Array) -> tuple[jax.Array, jax.Array]:
+def ssd_step(
+  x_BHP: jax.Array, dt_BH: jax.Array, A_H: jax.Array, B_BGN: jax.Array, C_BGN: jax.Array, state_BHPN: jax.Array
+) -> tuple[jax.Array, jax.Array]:
   """One token of the recurrence -> (y_BHP in x's dtype, new_state_BHPN float32). No D term.
 
   H' = exp(dt A) H + (dt x) B^T,  y = H' C  (paper eq. 1a, 1b with A_t = exp(dt_t A), B_t <- dt_t B_t).
@@ -140,12 +187,20 @@ def ssd_step(x_BHP: jax.Array, dt_BH: jax.Array, A_H: jax.Array, B_BGN: jax.Arra
   return y_BGRP.reshape(b, h, p).astype(x_BHP.dtype), state_BGRPN.reshape(b, h, p, n)
 
 
-def ssd_sequential(x_BTHP: jax.Array, dt_BTH: jax.Array, A_H: jax.Array, B_BTGN: jax.Array,
-                   C_BTGN: jax.Array, chunk_size: int = 0,
-                   initial_state_BHPN: Optional[jax.Array] = None) -> tuple[jax.Array, jax.Array]:
+def ssd_sequential(
+  x_BTHP: jax.Array,
+  dt_BTH: jax.Array,
+  A_H: jax.Array,
+  B_BTGN: jax.Array,
+  C_BTGN: jax.Array,
+  chunk_size: int = 0,
+  initial_state_BHPN: jax.Array | None = None,
+  seq_idx_BT: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array]:
   """Reference twin of `ssd_chunked`: `ssd_step` scanned over time (O(T) steps). No D term.
 
-  `chunk_size` is accepted so the two are interchangeable, and unused.
+  `chunk_size` is accepted so the two are interchangeable, and unused. With seq_idx the state is set to
+  zero before the first token of every document after the row's first.
   """
   del chunk_size
   _check_shapes(x_BTHP, dt_BTH, A_H, B_BTGN, C_BTGN)
@@ -155,10 +210,17 @@ def ssd_sequential(x_BTHP: jax.Array, dt_BTH: jax.Array, A_H: jax.Array, B_BTGN:
     initial_state_BHPN = jnp.zeros((b, h, p, n), _F32)
 
   def step(state_BHPN, inputs):
-    x_BHP, dt_BH, B_BGN, C_BGN = inputs
+    x_BHP, dt_BH, B_BGN, C_BGN, *reset = inputs
+    if reset:
+      state_BHPN = jnp.where(reset[0][:, None, None, None], 0.0, state_BHPN)
     y_BHP, state_BHPN = ssd_step(x_BHP, dt_BH, A_H, B_BGN, C_BGN, state_BHPN)
     return state_BHPN, y_BHP
 
-  time_major = tuple(jnp.moveaxis(a, 1, 0) for a in (x_BTHP, dt_BTH, B_BTGN, C_BTGN))
+  per_token = (x_BTHP, dt_BTH, B_BTGN, C_BTGN)
+  if seq_idx_BT is not None:
+    doc_BT = _documents(seq_idx_BT, x_BTHP)
+    reset_BT = jnp.concatenate([jnp.zeros((b, 1), bool), doc_BT[:, 1:] != doc_BT[:, :-1]], axis=1)
+    per_token += (reset_BT,)
+  time_major = tuple(jnp.moveaxis(a, 1, 0) for a in per_token)
   final_BHPN, y_TBHP = jax.lax.scan(step, initial_state_BHPN.astype(_F32), time_major)
   return jnp.moveaxis(y_TBHP, 0, 1), final_BHPN
