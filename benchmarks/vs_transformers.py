@@ -56,6 +56,44 @@ DEEPSEEK = dict(
   max_position_embeddings=1024,
   rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
 )
+# DeepSeek-V3 routing on the same shape: sigmoid scores with the correction bias, 4 groups of 2 experts
+# (the best 2 groups kept), top-2 renormalised and scaled.
+DEEPSEEK_V3 = dict(
+  DEEPSEEK,
+  norm_topk_prob=True,
+  n_group=4,
+  topk_group=2,
+  routed_scaling_factor=2.5,
+  rope_interleave=True,
+)
+# Granite 4.0-H style hybrid: Mamba2 layers 0, 1, 3 and GQA attention (no RoPE) on 2, each followed by a
+# MoE of 8 experts top-2 with a shared MLP; the muP multipliers of the published models.
+GRANITE = dict(
+  vocab_size=VOCAB,
+  hidden_size=256,
+  num_hidden_layers=4,
+  num_attention_heads=8,
+  num_key_value_heads=4,
+  max_position_embeddings=1024,
+  layer_types=["mamba", "mamba", "attention", "mamba"],
+  position_embedding_type="nope",
+  embedding_multiplier=12.0,
+  residual_multiplier=0.22,
+  attention_multiplier=0.0078125,
+  logits_scaling=8.0,
+  num_local_experts=8,
+  num_experts_per_tok=2,
+  intermediate_size=128,
+  shared_intermediate_size=512,
+  mamba_n_heads=8,
+  mamba_d_head=64,
+  mamba_d_state=64,
+  mamba_n_groups=1,
+  mamba_d_conv=4,
+  mamba_expand=2,
+  mamba_chunk_size=64,
+  tie_word_embeddings=False,
+)
 MAMBA2 = dict(
   vocab_size=VOCAB,
   hidden_size=256,
@@ -81,6 +119,21 @@ def build_hf(kind: str, path: str):
     description = (
       "DeepSeek-V2 style: hidden 256, 4 layers, 8 heads, q_lora 96, kv_lora 64, rope 16, nope 32, "
       "v 32; layer 0 dense (512), layers 1-3 MoE 8 experts top-2 (128) + 1 shared"
+    )
+  elif kind == "deepseek_v3":
+    model = transformers.DeepseekV3ForCausalLM(transformers.DeepseekV3Config(**DEEPSEEK_V3))
+    with torch.no_grad():  # a trained-looking correction bias, so that it changes the routing
+      for layer in model.model.layers[1:]:
+        layer.mlp.gate.e_score_correction_bias.normal_(0.0, 0.2)
+    description = (
+      "DeepSeek-V3 style: the DeepSeek-V2 shape with sigmoid routing, correction bias, 4 groups of 2 "
+      "experts (2 kept), top-2 renormalised, scale 2.5"
+    )
+  elif kind == "granite":
+    model = transformers.GraniteMoeHybridForCausalLM(transformers.GraniteMoeHybridConfig(**GRANITE))
+    description = (
+      "Granite 4.0-H style: hidden 256, Mamba2 layers 0, 1, 3 (8 heads of 64, state 64) and GQA 8/4 heads "
+      "without RoPE on 2, each with MoE 8 experts top-2 (128) + shared MLP (512), muP multipliers"
     )
   else:
     model = transformers.Mamba2ForCausalLM(transformers.Mamba2Config(**MAMBA2))
@@ -146,7 +199,7 @@ def main(argv=None) -> None:
     description=__doc__,
     formatter_class=argparse.RawDescriptionHelpFormatter,
   )
-  parser.add_argument("--models", default="deepseek_v2,mamba2")
+  parser.add_argument("--models", default="deepseek_v2,deepseek_v3,mamba2,granite")
   parser.add_argument("--batch", type=int, default=8)
   parser.add_argument("--seq_len", type=int, default=256)
   parser.add_argument("--steps", type=int, default=5)

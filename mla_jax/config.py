@@ -117,8 +117,14 @@ MODEL = (
   Key("intermediate_size", 0, "SwiGLU hidden width; 0: 4 * hidden_size", bound=">=0", resolve=_intermediate),
   Key("max_seq_len", 2048, bound=">0"),
   Key("rope_theta", 10000.0, bound=">0"),
+  Key("use_rope", True, "rotary position embedding in GQA attention (MLA always rotates its d_rope part)"),
   Key("rms_norm_eps", 1e-6, bound=">0"),
   Key("tie_embeddings", False),
+  # muP-style multipliers (Granite); the defaults change nothing.
+  Key("embedding_multiplier", 1.0, "scales the embeddings after the lookup", bound=">0"),
+  Key("residual_multiplier", 1.0, "scales every mixer and FFN output before it joins the residual", bound=">0"),
+  Key("attention_multiplier", 0.0, "softmax scale of the attention scores; 0: 1/sqrt(q.k width)", bound=">=0"),
+  Key("logits_scaling", 1.0, "the logits are divided by it", bound=">0"),
   Key("dtype", "float32", "compute dtype", choices=("float32", "bfloat16")),
   Key(
     "attention_impl",
@@ -151,8 +157,23 @@ MODEL = (
     bound=">=0",
     resolve=lambda m: m.moe_intermediate_size or _intermediate(m),
   ),
+  Key(
+    "shared_intermediate_size",
+    0,
+    "width of the fused shared-expert SwiGLU (ModelConfig.shared_width); 0: num_shared_experts * moe_intermediate_size",
+    bound=">=0",
+  ),
   Key("first_dense_layers", 0, bound=">=0"),
   Key("norm_topk_prob", True),
+  Key(
+    "router",
+    "softmax",
+    "expert scores: softmax (DeepSeek-V2) | sigmoid (DeepSeek-V3; its selection bias is the score_bias param)",
+    choices=("softmax", "sigmoid"),
+  ),
+  Key("n_group", 1, "group-limited routing: the experts form n_group groups (1: no groups)", bound=">0"),
+  Key("topk_group", 1, "with n_group > 1, each token's experts come from its topk_group best groups", bound=">0"),
+  Key("routed_scaling_factor", 1.0, "multiplies the routed experts' weights", bound=">0"),
   Key("moe_dispatch", "ragged", choices=("ragged", "capacity", "dense")),
   Key("capacity_factor", 1.25),
   Key("aux_free_bias", False, "DeepSeek-V3 auxiliary-loss-free balancing bias"),
@@ -415,7 +436,9 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     )
   if m.d_rope % 2:
     raise ConfigError("model.d_rope", f"must be even (RoPE rotates pairs), got {m.d_rope}")
-  if not mc.use_mla and mc.head_dim % 2:
+  if not m.use_rope and mc.use_mla and "attention" in mc.layer_kinds:
+    raise ConfigError("model.use_rope", "must be true for MLA, which always rotates its d_rope part")
+  if not mc.use_mla and m.use_rope and mc.head_dim % 2:
     if m.head_dim:
       raise ConfigError("model.head_dim", "must be even (RoPE rotates pairs)")
     raise ConfigError("model.num_heads", f"hidden_size / num_heads = {mc.head_dim} must be even for RoPE")
@@ -426,6 +449,17 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         f"must satisfy 1 <= experts_per_tok <= num_experts={m.num_experts}, got {m.experts_per_tok}",
       )
     _positive(f, "model.capacity_factor")
+    if m.num_experts % m.n_group:
+      raise ConfigError("model.n_group", f"must divide num_experts={m.num_experts}, got {m.n_group}")
+    if not 1 <= m.topk_group <= m.n_group:
+      raise ConfigError("model.topk_group", f"must satisfy 1 <= topk_group <= n_group={m.n_group}, got {m.topk_group}")
+    eligible = m.topk_group * m.num_experts // m.n_group
+    if m.experts_per_tok > eligible:
+      raise ConfigError(
+        "model.experts_per_tok",
+        f"{m.experts_per_tok} exceeds the {eligible} experts of topk_group={m.topk_group} groups of "
+        f"num_experts / n_group = {m.num_experts // m.n_group}",
+      )
     if m.shared_expert_enabled:
       _positive(f, "model.num_shared_experts")
   if m.scan_layers and m.aux_free_bias:
@@ -578,6 +612,13 @@ class ModelConfig:
   @property
   def attention_kind(self) -> str:
     return "mla" if self.use_mla else "gqa"
+
+  @property
+  def shared_width(self) -> int:
+    """Width of the fused shared-expert SwiGLU of MoE layers; 0 without shared experts."""
+    if not (self.shared_expert_enabled and self.num_shared_experts):
+      return 0
+    return self.shared_intermediate_size or self.num_shared_experts * self.moe_intermediate_size
 
   @property
   def mamba2_inner(self) -> int:

@@ -34,6 +34,11 @@ def _mixer(kind: str):
   return Mamba2Mixer
 
 
+def _residual(cfg: ModelConfig, y_BTD: jax.Array) -> jax.Array:
+  """A branch output as it joins the residual stream: times residual_multiplier (skipped at 1)."""
+  return y_BTD if cfg.residual_multiplier == 1.0 else y_BTD * cfg.residual_multiplier
+
+
 class Block(nn.Module):
   """One residual layer. Returns (x, new_cache, aux) where aux holds the MoE statistics (or {})."""
 
@@ -49,7 +54,7 @@ class Block(nn.Module):
     kind = cfg.mixer_kind(self.layer)
     h_BTD = RMSNorm(cfg.rms_norm_eps, dtype, name="mixer_norm")(x_BTD)
     y_BTD, new_cache = _mixer(kind)(cfg, name=kind)(h_BTD, positions_BT, cache, segment_ids_BT=segment_ids_BT)
-    x_BTD = nn.with_logical_constraint(x_BTD + y_BTD, ACTIVATION_AXES)
+    x_BTD = nn.with_logical_constraint(x_BTD + _residual(cfg, y_BTD), ACTIVATION_AXES)
     aux = {}
     ffn = cfg.ffn_kind(self.layer)
     if ffn is not None:
@@ -58,7 +63,7 @@ class Block(nn.Module):
         y_BTD, aux = MoE(cfg, name="moe")(h_BTD)
       else:
         y_BTD = SwiGLU(cfg, name="mlp")(h_BTD)
-      x_BTD = nn.with_logical_constraint(x_BTD + y_BTD, ACTIVATION_AXES)
+      x_BTD = nn.with_logical_constraint(x_BTD + _residual(cfg, y_BTD), ACTIVATION_AXES)
     return x_BTD, new_cache, aux
 
 
@@ -133,8 +138,8 @@ class LanguageModel(nn.Module):
   (several documents per row, mla_jax.data.packing) pass `segment_ids_BT` [B, T], one id per document,
   with positions restarting at 0 in each: attention stays inside a document and Mamba2's conv window
   and state restart at each document start (not with caches: a cache holds one document per row). With
-  `return_hidden` the first output is the final-normed hidden states [B, T, D] in the compute dtype
-  instead of the logits (the LM head is not applied; `lm_head_weight` gives its weight), for a loss
+  `return_hidden` the first output is the final-normed hidden states [B, T, D] in the compute dtype, divided by
+  logits_scaling, instead of the logits (the LM head is not applied; `lm_head_weight` gives its weight), for a loss
   that applies the head chunk by chunk (mla_jax.ops.cross_entropy).
   """
 
@@ -163,7 +168,10 @@ class LanguageModel(nn.Module):
       (cfg.vocab_size, cfg.hidden_size),
       jnp.float32,
     )
-    x_BTD = nn.with_logical_constraint(jnp.take(embedding_VD, tokens_BT, axis=0).astype(dtype), ACTIVATION_AXES)
+    x_BTD = jnp.take(embedding_VD, tokens_BT, axis=0)
+    if cfg.embedding_multiplier != 1.0:
+      x_BTD = x_BTD * cfg.embedding_multiplier
+    x_BTD = nn.with_logical_constraint(x_BTD.astype(dtype), ACTIVATION_AXES)
     new_caches, layer_aux = [], []
     if cfg.scan_layers:
       if caches is not None:
@@ -180,6 +188,8 @@ class LanguageModel(nn.Module):
         layer_aux.append(aux)
     x_BTD = RMSNorm(cfg.rms_norm_eps, dtype, name="final_norm")(x_BTD)
     if return_hidden:
+      if cfg.logits_scaling != 1.0:  # logits / s = (x / s) W, for a loss that applies the head itself
+        x_BTD = (x_BTD.astype(jnp.float32) / cfg.logits_scaling).astype(dtype)
       x_BTD = nn.with_logical_constraint(x_BTD, ACTIVATION_AXES)
       return x_BTD, merge_moe_aux(layer_aux), (new_caches if caches is not None else None)
     if cfg.tie_embeddings:
@@ -187,7 +197,10 @@ class LanguageModel(nn.Module):
     else:
       logits_BTV = Dense(cfg.vocab_size, ("embed", "vocab"), dtype=dtype, name="lm_head")(x_BTD)
     logits_BTV = nn.with_logical_constraint(logits_BTV, ("batch", "activation_length", "activation_vocab"))
-    return logits_BTV.astype(jnp.float32), merge_moe_aux(layer_aux), (new_caches if caches is not None else None)
+    logits_BTV = logits_BTV.astype(jnp.float32)
+    if cfg.logits_scaling != 1.0:
+      logits_BTV = logits_BTV / cfg.logits_scaling
+    return logits_BTV, merge_moe_aux(layer_aux), (new_caches if caches is not None else None)
 
 
 def lm_head_weight(cfg: ModelConfig, params) -> jax.Array:

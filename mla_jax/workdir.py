@@ -41,24 +41,46 @@ class Loaded(NamedTuple):
   step: int
 
 
-def load(workdir: str, config: ml_collections.ConfigDict | None = None) -> Loaded:
-  """The latest checkpoint in `workdir`: only its parameters and non-trainable model state are read."""
+def _open(workdir: str) -> tuple[ckpt_lib.Checkpointer, int]:
+  """A read-only Checkpointer of `workdir` and its newest complete step, or a CheckpointError."""
   if not workdir or not os.path.isdir(workdir):
     raise CheckpointError(f"{workdir}: workdir does not exist")
   directory = ckpt_lib.checkpoint_dir(workdir)
   if not os.path.isdir(directory):
     raise CheckpointError(f"{workdir}: no checkpoints (expected {directory}/<step>)")
   checkpointer = ckpt_lib.Checkpointer(workdir, async_save=False, read_only=True)
+  step = checkpointer.latest_step()
+  if step is None:
+    checkpointer.close()
+    raise CheckpointError(f"{directory}: no complete checkpoint")
+  return checkpointer, step
+
+
+def _config_at(checkpointer: ckpt_lib.Checkpointer, step: int) -> ml_collections.ConfigDict:
   try:
-    step = checkpointer.latest_step()
-    if step is None:
-      raise CheckpointError(f"{directory}: no complete checkpoint")
+    meta = checkpointer.restore_meta(step)
+  except Exception as e:  # orbax raises many types for a damaged metadata file
+    where = os.path.join(checkpointer.directory, str(step))
+    raise CheckpointError(f"{where}: unreadable checkpoint metadata ({cli.one_line(e)})") from e
+  return ckpt_lib.config_from_meta(meta)
+
+
+def saved_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config stored with the newest checkpoint of `workdir` (a trained or converted run), so that
+  training can continue it (`configs/workdir.py`)."""
+  checkpointer, step = _open(workdir)
+  try:
+    return _config_at(checkpointer, step)
+  finally:
+    checkpointer.close()
+
+
+def load(workdir: str, config: ml_collections.ConfigDict | None = None) -> Loaded:
+  """The latest checkpoint in `workdir`: only its parameters and non-trainable model state are read."""
+  checkpointer, step = _open(workdir)
+  try:
     if config is None:
-      try:
-        meta = checkpointer.restore_meta(step)
-      except Exception as e:  # orbax raises many types for a damaged metadata file
-        raise CheckpointError(f"{directory}/{step}: unreadable checkpoint metadata ({cli.one_line(e)})") from e
-      config = ckpt_lib.config_from_meta(meta)
+      config = _config_at(checkpointer, step)
     config_lib.validate(config)
     tokenizer = load_tokenizer(config.data.tokenizer)
     cfg = resolve_model_config(config, tokenizer)

@@ -9,8 +9,11 @@ import io
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import jax
+import ml_dtypes
 import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
@@ -20,6 +23,7 @@ from mla_jax.config import ModelConfig
 from mla_jax.decode import Decoder
 from mla_jax.errors import ConfigError, DataError, UserError
 from mla_jax.model import abstract_variables, forward
+from mla_jax.safetensors_io import Tensors, read_folder
 from mla_jax.workdir import load, write_from_hf
 
 try:
@@ -316,6 +320,12 @@ def test_name_table_covers_the_model_once_and_both_directions_invert(case):
       np.testing.assert_array_equal(a, b)
     for a, b in zip(entry.save(*back), saved, strict=True):
       np.testing.assert_array_equal(a, b)
+    t = Tensors(dict(zip(entry.hf, saved, strict=True)), "t")
+    for a, b in zip(hf._load_entry(entry, t, np.dtype(np.float32)), back, strict=True):  # stacks fill in place
+      np.testing.assert_array_equal(a, b)
+    if entry.transpose is not None:  # slices read without `load`
+      index = tuple(slice(1, None, 2 if d == 0 else 1) for d in range(back[0].ndim))
+      np.testing.assert_array_equal(hf._read_slice(entry, t, index, np.dtype(np.float32)), back[0][index])
   if options is not None:  # the rope part of the key: interleaved pairs become [even | odd] columns
     C = cfg.kv_latent_dim
     (dkv,) = [e for e in table if e.hf == ("model.layers.0.self_attn.kv_a_proj_with_mqa.weight",)]
@@ -344,17 +354,77 @@ def test_fused_experts_index_shards_and_mtp_layers_read_alike(exported, tmp_path
   jax.tree_util.tree_map(np.testing.assert_array_equal, params2, params)
 
 
+@pytest.mark.parametrize("model", ["moe", "mamba2"])
+def test_streamed_read_equals_the_full_read_and_bfloat16_shards_round_trip(exported, tmp_path, model):
+  path, config, params = exported[model]
+  cfg = ModelConfig.from_config(config)
+  table = hf.mamba2_table(cfg) if model == "mamba2" else hf.deepseek_table(cfg)
+  full = hf._load(table, Tensors(read_folder(path), path))
+  jax.tree_util.tree_map(np.testing.assert_array_equal, convert.from_hf(path)[1], full)
+  out = str(tmp_path / "bf16")
+  convert.to_hf(config, params, out, dtype="bfloat16", max_shard_bytes=20_000)
+  files = sorted(os.listdir(out))
+  assert "model.safetensors.index.json" in files and "model-00002-of-" in " ".join(files)
+  with open(os.path.join(out, "config.json")) as f:
+    assert json.load(f)["torch_dtype"] == "bfloat16"
+  rounded = jax.tree_util.tree_map(lambda x: x.astype(ml_dtypes.bfloat16), params)
+  _, back = convert.from_hf(out)
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(a, b.astype(np.float32)), back, rounded)
+  _, back16 = convert.from_hf(out, dtype="bfloat16")
+  assert {x.dtype for x in jax.tree_util.tree_leaves(back16)} == {np.dtype(ml_dtypes.bfloat16)}
+  jax.tree_util.tree_map(np.testing.assert_array_equal, back16, rounded)
+
+
+SHARDED_CHECK = """
+import json, sys
+import jax, numpy as np
+from mla_jax import hf, pytree, sharding
+path, preset = sys.argv[1], json.loads(sys.argv[2])
+mesh = jax.make_mesh(tuple(preset), sharding.MESH_AXES)
+config, expected = hf.from_hf(path)
+_, params = hf.load_sharded(path, mesh)
+out = {}
+for name, x in pytree.flatten(params).items():
+  want = pytree.flatten(expected)[name]
+  out[name] = dict(
+    equal=bool(np.array_equal(np.asarray(x), want)) and x.dtype == want.dtype,
+    split=max(s.data.size for s in x.addressable_shards) < x.size,
+  )
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.parametrize("preset", [(1, 2, 2, 2), (2, 4, 1, 1)], ids=["fsdp_tensor_expert", "data_fsdp"])
+def test_sharded_placement_equals_from_hf_on_8_devices(exported, preset):
+  path = exported["moe"][0]
+  flags = "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flags)
+  run = subprocess.run(
+    [sys.executable, "-c", SHARDED_CHECK, path, json.dumps(preset)],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert run.returncode == 0, run.stderr[-3000:]
+  got = json.loads(run.stdout.strip().splitlines()[-1])
+  assert got and all(v["equal"] for v in got.values()), [n for n, v in got.items() if not v["equal"]]
+  # the sliced reads (stacked experts, plain kernels) and the whole-parameter ones (kv_b) are both split
+  for name in ("layer_1/moe/w_gate", "layer_0/mlp/down/kernel", "layer_0/mla/w_uk/kernel", "embedding"):
+    assert got[name]["split"], name
+
+
 @pytest.mark.parametrize(
   "model, changes, key",
   [
-    ("moe", dict(model_type="deepseek_v3"), "scoring_func"),  # V3 MoE: sigmoid scores
+    ("moe", dict(model_type="deepseek_v3", scoring_func="softmax"), "scoring_func"),  # V3 MoE: sigmoid scores
     ("dense", dict(rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 500.0}), "rope_scaling"),
     ("dense", dict(attention_bias=True), "attention_bias"),
     ("dense", dict(rms_norm_eps=1e-5), "rms_norm_eps"),
     ("dense", dict(num_key_value_heads=2), "num_key_value_heads"),
     ("dense", dict(drop=("qk_nope_head_dim",)), "qk_nope_head_dim"),
     ("moe", dict(topk_method="group_limited_greedy", n_group=2, topk_group=1), "topk_method"),
-    ("moe", dict(routed_scaling_factor=2.0), "routed_scaling_factor"),
+    ("moe", dict(routed_scaling_factor=0.0), "routed_scaling_factor"),
     ("moe", dict(norm_topk_prob=True), "norm_topk_prob"),
     ("mamba2", dict(use_conv_bias=False), "use_conv_bias"),
     ("mamba2", dict(use_bias=True), "use_bias"),
@@ -445,10 +515,10 @@ def test_to_hf_refuses_what_deepseek_v2_cannot_hold(exported, tmp_path):
   with pytest.raises(ConfigError) as e:
     convert.to_hf(seed_mla, params, str(tmp_path / "out"))
   assert e.value.key == "model.mla_latent_norms"
-  gqa = config.copy_and_resolve_references()
-  gqa.model.kv_latent_dim = 0
-  with pytest.raises(UserError, match="writes DeepSeek .* or Mamba2"):
-    convert.to_hf(gqa, params, str(tmp_path / "out"))
+  mixed = config.copy_and_resolve_references()  # MLA with Mamba2 layers: neither deepseek nor granitemoehybrid
+  mixed.model.update(layer_pattern="M" + "A" * (mixed.model.num_layers - 1), mamba2_num_heads=8)
+  with pytest.raises(UserError, match="writes MLA models as DeepSeek"):
+    convert.to_hf(mixed, params, str(tmp_path / "out"))
   wrong = jax.tree_util.tree_map(lambda x: x, params)
   wrong["layer_0"]["mixer_norm"]["scale"] = np.ones(31, np.float32)
   with pytest.raises(DataError, match=r"to_hf: layer_0/mixer_norm/scale has shape \(31,\) in the params but \(32,\)"):

@@ -14,6 +14,7 @@ from conftest import tiny_config, tiny_model_config
 from jax.sharding import PartitionSpec as P
 
 from mla_jax import metric_writers, trainer
+from mla_jax.config import ModelConfig
 from mla_jax.data import BatchIterator
 from mla_jax.layers.common import param_role
 from mla_jax.model import LanguageModel, abstract_variables, count_params, flops_per_token, init_params
@@ -305,3 +306,23 @@ def train_and_evaluate_until(config, workdir, stop_after):
       trainer.train_and_evaluate(config, workdir, stream=io.StringIO())
   finally:
     BatchIterator.__next__ = original
+
+
+def test_a_converted_workdir_trains_on_from_its_step_0(tmp_path):
+  """configs/workdir.py: the config stored with a converted (step-0) checkpoint continues training from it,
+  starting from the converted weights."""
+  from configs import workdir as workdir_config
+  from mla_jax import workdir
+
+  config = tiny_config("moe", num_layers=2)
+  config.data.max_bytes, config.sample.max_new_tokens, config.model.vocab_size = 200_000, 0, 320
+  cfg = ModelConfig.from_config(config)
+  params, _ = init_params(cfg, jax.random.PRNGKey(7), 8)
+  workdir.write(config, params, str(tmp_path))
+  resumed = workdir_config.get_config(str(tmp_path))
+  assert resumed.model.to_dict() == config.model.to_dict()
+  resumed.trainer.max_steps = 2
+  out = io.StringIO()
+  trainer.train_and_evaluate(resumed, str(tmp_path), stream=out)
+  assert f"Resuming from {tmp_path / 'checkpoints'} step 0" in out.getvalue()
+  assert workdir.load(str(tmp_path)).step == 2

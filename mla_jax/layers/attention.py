@@ -1,4 +1,5 @@
-"""Grouped-query attention with RoPE on the whole head (MHA when kv_heads = num_heads, MQA when 1).
+"""Grouped-query attention with RoPE on the whole head (MHA when kv_heads = num_heads, MQA when 1); without
+RoPE (model.use_rope=False) the causal mask alone orders the tokens.
 
 With a cache (`mla_jax.cache.KVCache`) the new RoPE'd keys and values are written at their positions and
 the queries attend over every cache slot (the position mask hides the slots not written yet). Packed rows
@@ -13,7 +14,7 @@ from flax import linen as nn
 
 from mla_jax import cache as cache_lib
 from mla_jax.config import ModelConfig
-from mla_jax.layers.common import Dense, compute_dtype, residual_scale
+from mla_jax.layers.common import Dense, attention_scale, compute_dtype, residual_scale
 from mla_jax.layers.rope import apply_rope
 from mla_jax.ops.attention import attention
 
@@ -36,8 +37,9 @@ class GQA(nn.Module):
     q_BTHD = Dense((H, Dh), ("embed", "heads", "head_dim"), dtype=dtype, name="w_q")(x_BTD)
     k_BTKD = Dense((K, Dh), ("embed", "kv_heads", "head_dim"), dtype=dtype, name="w_k")(x_BTD)
     v_BTKD = Dense((K, Dh), ("embed", "kv_heads", "head_dim"), dtype=dtype, name="w_v")(x_BTD)
-    q_BTHD = apply_rope(q_BTHD, positions_BT, cfg.rope_theta)
-    k_BTKD = apply_rope(k_BTKD, positions_BT, cfg.rope_theta)
+    if cfg.use_rope:
+      q_BTHD = apply_rope(q_BTHD, positions_BT, cfg.rope_theta)
+      k_BTKD = apply_rope(k_BTKD, positions_BT, cfg.rope_theta)
     q_BTHD = nn.with_logical_constraint(q_BTHD, ("batch", "activation_length", "activation_heads", None))
     k_BSKD, v_BSKD, new_cache = k_BTKD, v_BTKD, None  # the keys: this call's tokens or every cache slot
     if cache is not None:
@@ -50,7 +52,7 @@ class GQA(nn.Module):
       k_BSKD,
       v_BSKD,
       positions_BT,
-      scale=Dh**-0.5,
+      scale=attention_scale(cfg, Dh),
       impl=cfg.attention_impl,
       chunk_size=cfg.attention_chunk_size,
       segment_ids_BT=segment_ids_BT,

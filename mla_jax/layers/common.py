@@ -54,6 +54,12 @@ def residual_scale(cfg) -> float:
   return branches**-0.5
 
 
+def attention_scale(cfg, width: int) -> float:
+  """Softmax scale of the attention scores for q.k over `width` channels: model.attention_multiplier, or
+  1/sqrt(width) when it is 0."""
+  return cfg.attention_multiplier or width**-0.5
+
+
 class RMSNorm(nn.Module):
   """RMSNorm (Zhang & Sennrich 2019) computed in float32, weight initialised to one."""
 
@@ -85,6 +91,7 @@ _ROLES = {
   "scale": "norm",
   "norm_scale": "norm",
   "conv_bias": "vector",
+  "score_bias": "vector",
   "dt_bias": "vector",
   "A_log": "vector",
   "D": "vector",

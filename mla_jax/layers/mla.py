@@ -26,7 +26,7 @@ from flax import linen as nn
 
 from mla_jax import cache as cache_lib
 from mla_jax.config import ModelConfig
-from mla_jax.layers.common import Dense, RMSNorm, compute_dtype, residual_scale
+from mla_jax.layers.common import Dense, RMSNorm, attention_scale, compute_dtype, residual_scale
 from mla_jax.layers.rope import apply_rope
 from mla_jax.ops.attention import attention
 from mla_jax.ops.latent_attention import latent_attention
@@ -117,7 +117,7 @@ class MLA(nn.Module):
       k_BSHK,
       v_BSHE,
       positions_BT,
-      scale=(Dn + Dr) ** -0.5,
+      scale=attention_scale(cfg, Dn + Dr),
       impl=cfg.attention_impl,
       chunk_size=cfg.attention_chunk_size,
       segment_ids_BT=segment_ids_BT,
@@ -140,6 +140,6 @@ class MLA(nn.Module):
       w_uk_CHD,
       w_uv_CHE,
       positions_BT,
-      scale=(cfg.head_dim + cfg.d_rope) ** -0.5,
+      scale=attention_scale(cfg, cfg.head_dim + cfg.d_rope),
       dtype=compute_dtype(cfg.dtype),
     )

@@ -2,7 +2,8 @@
 
 y_t = Shared(x_t) + sum_k w_tk * Expert_{e_tk}(x_t) (DeepSeek-MoE, Dai et al. 2024, eq. 9-11). The
 num_shared_experts shared experts are fused into one SwiGLU of width num_shared_experts * F, which is the
-same function as their sum. Routing, top-k normalisation and the auxiliary losses are in `mla_jax.ops.moe`.
+same function as their sum (shared_intermediate_size sets another width, as Granite's shared MLP has).
+Routing, top-k normalisation and the auxiliary losses are in `mla_jax.ops.moe`.
 """
 
 from __future__ import annotations
@@ -34,10 +35,18 @@ class MoE(nn.Module):
   lax.ragged_dot on GPU and TPU), 'capacity' drops assignments over capacity_factor, 'dense' runs every
   expert on every token.
 
-  With cfg.aux_free_bias the layer reads a per-expert bias from the 'moe_bias' collection (created as
-  zeros by `init`) and adds it to the routing scores for the top-k selection only. The bias is not a
-  parameter: the training loop passes the collection with the variables, and after each step sets
-  bias <- update_aux_free_bias(bias, aux['load'], cfg.aux_free_bias_rate) outside the optimizer.
+  cfg.router: 'softmax' (DeepSeek-V2) or 'sigmoid' (DeepSeek-V3) expert scores; cfg.n_group / topk_group
+  limit each token's experts to its best groups, cfg.routed_scaling_factor scales the weights (`moe_ops.route`).
+
+  Selection bias (added to the scores for the top-k selection only, never to the weights):
+  - with the sigmoid router, the parameter `score_bias` [E] (zeros at init): a checkpoint's
+    e_score_correction_bias, so `model.forward(config, params, ids)` alone routes as DeepSeek-V3 does. It sits
+    in params so that the params tree is the whole model; the optimizer never moves it (the layer reads it
+    under stop_gradient, and its role, 'vector', is not weight-decayed).
+  - with cfg.aux_free_bias, a per-expert bias from the 'moe_bias' collection (created as zeros by `init`),
+    added on top. It is not a parameter: the training loop passes the collection with the variables, and
+    after each step sets bias <- update_aux_free_bias(bias, aux['load'], cfg.aux_free_bias_rate) outside the
+    optimizer. Fine-tuning an imported DeepSeek-V3 model with it starts from the checkpoint's bias.
   """
 
   cfg: ModelConfig
@@ -53,9 +62,17 @@ class MoE(nn.Module):
     # The router runs in float32: its logits decide the selection and its softmax the weights.
     logits_NE = Dense(E, ("embed", "expert"), dtype=jnp.float32, name="router")(x_ND)
     bias_E = None
+    if cfg.router == "sigmoid":
+      # Its gradient is zero anyway (the bias only selects); its role is 'vector', which is never decayed.
+      bias_E = jax.lax.stop_gradient(
+        self.param("score_bias", nn.with_logical_partitioning(nn.initializers.zeros, ("expert",)), (E,), jnp.float32)
+      )
     if cfg.aux_free_bias:
-      bias_E = self.variable(BIAS_COLLECTION, "bias", jnp.zeros, (E,), jnp.float32).value
-    weights_NK, experts_NK, probs_NE = moe_ops.route(logits_NE, K, cfg.norm_topk_prob, bias_E)
+      running_E = self.variable(BIAS_COLLECTION, "bias", jnp.zeros, (E,), jnp.float32).value
+      bias_E = running_E if bias_E is None else bias_E + running_E
+    weights_NK, experts_NK, probs_NE = moe_ops.route(
+      logits_NE, K, cfg.norm_topk_prob, bias_E, cfg.router, cfg.n_group, cfg.topk_group, cfg.routed_scaling_factor
+    )
 
     w_gate_EDF = self.param(
       "w_gate", nn.with_logical_partitioning(_expert_init(D), ("expert", "embed", "expert_mlp")), (E, D, F), jnp.float32
@@ -84,7 +101,7 @@ class MoE(nn.Module):
       raise ValueError(f"unknown moe_dispatch {cfg.moe_dispatch!r}")
 
     if cfg.shared_expert_enabled and cfg.num_shared_experts > 0:
-      width = cfg.num_shared_experts * F
+      width = cfg.shared_width
       gate_NH = Dense(width, ("embed", "mlp"), dtype=dtype, name="shared_gate")(x_ND)
       up_NH = Dense(width, ("embed", "mlp"), dtype=dtype, name="shared_up")(x_ND)
       shared_down = Dense(D, ("mlp", "embed"), dtype=dtype, scale=residual_scale(cfg), name="shared_down")
@@ -115,17 +132,23 @@ def update_aux_free_bias(bias_E: jax.Array, load_E: jax.Array, rate: float) -> j
 def moe_active_params(cfg: ModelConfig) -> int:
   """Parameters one token multiplies by in an MoE layer (for FLOPs = 2 * active params per token).
 
-  Router D * E, the K routed experts 3 * D * F each, and the shared SwiGLU 3 * D * (num_shared * F).
+  Router D * E (+ E for the sigmoid router's score_bias), the K routed experts 3 * D * F each, and the
+  shared SwiGLU 3 * D * shared_width.
   The dispatch overhead (sorting, capacity einsums, the dense reference computing all E experts) is not
   counted: this is the model's compute, not an implementation's.
   """
   D, E, K, F = cfg.hidden_size, cfg.num_experts, cfg.experts_per_tok, cfg.moe_intermediate_size
-  shared = cfg.num_shared_experts * F if cfg.shared_expert_enabled else 0
-  return D * E + K * 3 * D * F + 3 * D * shared
+  shared = cfg.shared_width
+  return D * E + K * 3 * D * F + 3 * D * shared + _score_bias(cfg)
 
 
 def moe_total_params(cfg: ModelConfig) -> int:
-  """All parameters of one MoE layer: router, E routed experts and the shared expert."""
+  """All parameters of one MoE layer: router (and the sigmoid router's score_bias), E routed experts and the
+  shared expert."""
   D, E, F = cfg.hidden_size, cfg.num_experts, cfg.moe_intermediate_size
-  shared = cfg.num_shared_experts * F if cfg.shared_expert_enabled else 0
-  return D * E + E * 3 * D * F + 3 * D * shared
+  shared = cfg.shared_width
+  return D * E + E * 3 * D * F + 3 * D * shared + _score_bias(cfg)
+
+
+def _score_bias(cfg: ModelConfig) -> int:
+  return cfg.num_experts if cfg.router == "sigmoid" else 0

@@ -25,33 +25,112 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import linen as nn
 
 
 def route(
-  logits_TE: jax.Array, k: int, norm_topk_prob: bool, bias_E: jax.Array | None = None
+  logits_TE: jax.Array,
+  k: int,
+  norm_topk_prob: bool,
+  bias_E: jax.Array | None = None,
+  router: str = "softmax",
+  n_group: int = 1,
+  topk_group: int = 1,
+  scaling: float = 1.0,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Top-k softmax router. Returns (weights_TK float32, experts_TK int32, probs_TE float32).
+  """Top-k router. Returns (weights_TK float32, experts_TK int32, probs_TE float32).
 
-  p_t = softmax(logits_t) in float32. The k experts are the top-k of p_t + bias (DeepSeek-V3 §2.1.2,
-  auxiliary-loss-free balancing: the bias steers the selection only and never enters the weights).
-  The weights are the chosen probabilities p_{t,e_tk}; with `norm_topk_prob` they are renormalised to
-  sum to one over the k chosen experts (DeepSeek-V2/V3 top-k normalisation).
+  Scores s_t in float32: softmax(logits_t) (DeepSeek-V2) or sigmoid(logits_t) (DeepSeek-V3). The k experts
+  are the top-k of s_t + bias (DeepSeek-V3 §2.1.2, auxiliary-loss-free balancing: the bias steers the
+  selection only and never enters the weights). With n_group > 1 the selection is group-limited
+  (DeepSeek-V3's noaux_tc): the E experts form n_group groups of E / n_group, a group's score is the sum of
+  its two best biased scores, and only the experts of the topk_group best groups can be chosen. The weights
+  are the chosen unbiased scores s_{t,e_tk}, times `scaling` (routed_scaling_factor).
 
-  With k = 1 the renormalised weight would be p / p = 1 for every token: the output would not depend on
-  the router logits and the router would get no gradient from the task loss. So for k = 1 the weight
-  stays the routing probability p_{t,e_t1} (Switch Transformer, Fedus et al. 2021, §2.1), whatever
-  `norm_topk_prob` says, and the router is always trained by the task loss.
+  `norm_topk_prob` renormalises the chosen weights to sum to one before the scaling. Softmax: with k = 1 the
+  renormalised weight would be p / p = 1 for every token, the output would not depend on the router logits
+  and the router would get no gradient from the task loss, so for k = 1 the weight stays the routing
+  probability p_{t,e_t1} (Switch Transformer, Fedus et al. 2021, §2.1) whatever `norm_topk_prob` says.
+  Sigmoid follows DeepSeek-V3 exactly: w / (sum w + 1e-20) for every k.
+
+  probs_TE, which the load-balance loss reads, is the softmax for softmax scores and the sigmoid scores
+  normalised per token, s_t / sum_e s_te, for sigmoid ones (DeepSeek-V3's sequence-wise balance loss, eq. 17-20).
   """
-  probs_TE = jax.nn.softmax(logits_TE.astype(jnp.float32), axis=-1)
-  scores_TE = probs_TE if bias_E is None else probs_TE + bias_E.astype(jnp.float32)
-  _, experts_TK = jax.lax.top_k(scores_TE, k)
-  weights_TK = jnp.take_along_axis(probs_TE, experts_TK, axis=-1)
-  if norm_topk_prob and k > 1:
+  logits_TE = logits_TE.astype(jnp.float32)
+  if router == "sigmoid":
+    scores_TE = jax.nn.sigmoid(logits_TE)
+    probs_TE = scores_TE / jnp.sum(scores_TE, axis=-1, keepdims=True)
+  elif router == "softmax":
+    scores_TE = probs_TE = jax.nn.softmax(logits_TE, axis=-1)
+  else:
+    raise ValueError(f"unknown router {router!r}")
+  choice_TE = scores_TE if bias_E is None else scores_TE + bias_E.astype(jnp.float32)
+  if n_group > 1:
+    choice_TE = jnp.where(group_mask(choice_TE, n_group, topk_group), choice_TE, -jnp.inf)
+  _, experts_TK = jax.lax.top_k(choice_TE, k)
+  weights_TK = jnp.take_along_axis(scores_TE, experts_TK, axis=-1)
+  if router == "sigmoid" and norm_topk_prob:
+    weights_TK = weights_TK / (jnp.sum(weights_TK, axis=-1, keepdims=True) + 1e-20)
+  elif norm_topk_prob and k > 1:
     # The floor only matters if every chosen probability underflowed (possible only with a bias).
     denom_T1 = jnp.maximum(jnp.sum(weights_TK, axis=-1, keepdims=True), jnp.finfo(jnp.float32).tiny)
     weights_TK = weights_TK / denom_T1
+  if scaling != 1.0:
+    weights_TK = weights_TK * scaling
   return weights_TK, experts_TK.astype(jnp.int32), probs_TE
+
+
+def group_mask(choice_TE: jax.Array, n_group: int, topk_group: int) -> jax.Array:
+  """bool [T, E]: True for the experts of each token's topk_group best groups, a group's score being the
+  sum of its two highest choice scores (its only one for groups of one expert)."""
+  T, E = choice_TE.shape
+  choice_TGS = choice_TE.reshape(T, n_group, E // n_group)
+  group_TG = jnp.sum(jax.lax.top_k(choice_TGS, min(2, E // n_group))[0], axis=-1)
+  _, groups_TK = jax.lax.top_k(group_TG, topk_group)
+  keep_TG = jnp.sum(jax.nn.one_hot(groups_TK, n_group, dtype=jnp.int32), axis=1) > 0
+  return jnp.repeat(keep_TG, E // n_group, axis=1)
+
+
+def route_reference(
+  logits_TE,
+  k: int,
+  norm_topk_prob: bool,
+  bias_E=None,
+  router: str = "softmax",
+  n_group: int = 1,
+  topk_group: int = 1,
+  scaling: float = 1.0,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """`route` one token at a time in float64 numpy: the slow twin the tests compare it with. The chosen
+  experts come back in descending order of their (biased) choice score, as top_k returns them."""
+  logits_TE = np.asarray(logits_TE, np.float64)
+  T, E = logits_TE.shape
+  bias_E = np.zeros(E) if bias_E is None else np.asarray(bias_E, np.float64)
+  size = E // n_group
+  weights, experts, probs = [], [], []
+  for logits_E in logits_TE:
+    if router == "sigmoid":
+      scores_E = 1.0 / (1.0 + np.exp(-logits_E))
+      probs.append(scores_E / scores_E.sum())
+    else:
+      scores_E = np.exp(logits_E - logits_E.max())
+      scores_E = scores_E / scores_E.sum()
+      probs.append(scores_E)
+    choice_E = scores_E + bias_E
+    if n_group > 1:
+      group_score = [sum(sorted(choice_E[g * size : (g + 1) * size])[::-1][:2]) for g in range(n_group)]
+      kept = sorted(range(n_group), key=lambda g: -group_score[g])[:topk_group]
+      choice_E = np.array([c if e // size in kept else -np.inf for e, c in enumerate(choice_E)])
+    chosen = sorted(range(E), key=lambda e: -choice_E[e])[:k]
+    w = np.array([scores_E[e] for e in chosen])
+    if router == "sigmoid" and norm_topk_prob:
+      w = w / (w.sum() + 1e-20)
+    elif norm_topk_prob and k > 1:
+      w = w / w.sum()
+    weights.append(w * scaling)
+    experts.append(chosen)
+  return np.array(weights), np.array(experts, np.int32), np.array(probs)
 
 
 def expert_counts(experts_TK: jax.Array, num_experts: int) -> jax.Array:
