@@ -314,15 +314,16 @@ def test_a_converted_workdir_trains_on_from_its_step_0(tmp_path):
   from configs import workdir as workdir_config
   from mla_jax import workdir
 
-  config = tiny_config("moe", num_layers=2)
+  config = tiny_config("moe", num_layers=1)
   config.data.max_bytes, config.sample.max_new_tokens, config.model.vocab_size = 200_000, 0, 320
+  config.trainer.eval_steps = 0
   cfg = ModelConfig.from_config(config)
   params, _ = init_params(cfg, jax.random.PRNGKey(7), 8)
   workdir.write(config, params, str(tmp_path))
   resumed = workdir_config.get_config(str(tmp_path))
   assert resumed.model.to_dict() == config.model.to_dict()
-  resumed.trainer.max_steps = 2
+  resumed.trainer.max_steps = 1
   out = io.StringIO()
   trainer.train_and_evaluate(resumed, str(tmp_path), stream=out)
   assert f"Resuming from {tmp_path / 'checkpoints'} step 0" in out.getvalue()
-  assert workdir.load(str(tmp_path)).step == 2
+  assert workdir.load(str(tmp_path)).step == 1
