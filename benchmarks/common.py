@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
 from mla_jax.config import ModelConfig
 from mla_jax.model import LanguageModel
@@ -45,6 +47,29 @@ def median_time(fn, runs: int) -> float:
     times.append(time.perf_counter() - start)
   times.sort()
   return times[len(times) // 2]
+
+
+def matmul_gflops(n: int, runs: int = 5) -> float:
+  """XLA's float32 matmul rate on this machine: the best GFLOP/s (2 n^3 per call) of a jitted [n, n] x [n, n]
+  `jnp.dot` over `runs` calls after one that compiles."""
+  a_NN = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
+  b_NN = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32)
+  dot = jax.jit(jnp.dot)
+  run = lambda: dot(a_NN, b_NN).block_until_ready()
+  run()
+  return 2 * n**3 / min(median_time(run, 1) for _ in range(runs)) / 1e9
+
+
+def read_bandwidth_gbs(nbytes: int = 2**30, runs: int = 5) -> dict[str, float]:
+  """The machine's read bandwidth: the best GB/s (1e9 bytes) of a full float32 sum over an `nbytes` array,
+  {"xla": a jitted jnp.sum, "numpy": ndarray.sum}, over `runs` calls each."""
+  x_np = np.full(nbytes // 4, 1.0, np.float32)
+  x = jnp.asarray(x_np)
+  total = jax.jit(jnp.sum)
+  xla = lambda: total(x).block_until_ready()
+  xla()
+  best = lambda fn: nbytes / min(median_time(fn, 1) for _ in range(runs)) / 1e9
+  return {"xla": best(xla), "numpy": best(x_np.sum)}
 
 
 def write_lines(path, lines: list[str]) -> Path:

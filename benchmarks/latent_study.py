@@ -1,297 +1,500 @@
-r"""Latent-size study: validation loss against KV-cache bytes per token for MHA, GQA and MLA.
+r"""Latent study v2: validation loss against KV-cache bytes per token for MHA, GQA, partial RoPE and MLA,
+over several seeds, with 95% intervals and differences against MHA paired by seed.
 
-  python -m benchmarks.latent_study             # 7 runs, ~45 min on 2 CPU cores -> benchmarks/results/
-  python -m benchmarks.latent_study --ablation  # 2 more MLA runs at d_c 192 (d_rope 64; no q compression)
-  python -m benchmarks.latent_study --steps 2000 --layers 8 --latents 64,128,192,256,384
-  python -m benchmarks.latent_study --steps 3 --eval_steps 1 --no_write   # a smoke run
+  python -m benchmarks.latent_study                 # 11 variants x 3 seeds on CPU -> benchmarks/results/
+  python -m benchmarks.latent_study --preset gpu    # the same study, larger model and budget, one accelerator
+  python -m benchmarks.latent_study --steps 3 --seeds 2 --val_tokens 8192 --variants mha,mla192 --no_write  # smoke
+  python -m benchmarks.latent_study --variants mha,mla192 --seeds 5 --workdir runs/latent   # a subset, kept
 
-Every variant is the seed's "Standalone MLA" model (configs/mla.py: hidden 512, 8 heads of 64,
-intermediate 2048, q_latent_dim 192, d_rope 16) at a CPU-sized depth, trained by the real loop
-(`mla_jax.trainer.train_and_evaluate`) for the same tokens in the same order from the same seed on the
-embedded corpus, and evaluated on the same held-out batches. Only the attention changes:
+Default cost (--preset cpu: 33 trainings of 128 steps x 8 x 256 tokens, each followed by the 1M-token
+evaluation), measured on this 2-core machine while other work shared it: one run end to end (MHA, first
+seed, compilation included) took 215 CPU-s (4.4 min of wall time at a load average of 2-5), about half of it
+the evaluation; 33 runs are ~120 CPU-minutes, about 65-80 min of wall time on 2 quiet cores, 2-3 h while
+the machine is shared. --val_tokens and --steps trade it. --preset gpu (33 runs of 1000 steps x 32 x 512 tokens,
+16.4M tokens each, a 34M-parameter model) was not measured here; the study prints and records its wall time.
 
-  MHA            kv_heads = num_heads           cache 2 x heads x head_dim values per token per layer
-  GQA            kv_heads = 4 (the seed's)      cache 2 x kv_heads x head_dim
-  MLA (d_c)      kv_latent_dim = d_c            cache d_c + d_rope (DeepSeek-V2 Table 1)
+Every variant has 8 heads of head_dim 64, the same SwiGLU MLP, embeddings and depth; only the attention
+changes (the list is VARIANTS, in that order):
 
-One baseline is trained again from a second seed, so differences can be read against run-to-run noise.
-Cache bytes are for bfloat16 (2 bytes a value), summed over layers. The seed guide's compression
-column is hidden_size / kv_latent_dim, from its formula 2 x layers x seq_len x kv_latent_dim; the table
-prints it beside the measured ratio.
+  MHA                   8 kv heads                      cache 2 x 8 x 64 values per token per layer
+  GQA                   4 kv heads                      cache 2 x 4 x 64
+  MHA, partial RoPE     model.rope_dim 16 or 32 of 64   cache as MHA (the control for MLA's narrow RoPE part)
+  MLA d_c               kv_latent_dim d_c, d_rope 16    cache d_c + d_rope (DeepSeek-V2 Table 1)
+  MLA d_rope            d_c 192 with d_rope 32 or 64
+  MLA no q compression  d_c 192, d_rope 16, q_latent_dim 0
+
+Each (variant, seed) trains with the real loop (`benchmarks.common.train_quietly` ->
+`mla_jax.trainer.train_and_evaluate`); trainer.seed = seed sets both the initialisation and the data order,
+so seed s of every variant sees the same batches. The trainer does not evaluate (eval_steps 0): the study
+restores the final checkpoint (`mla_jax.workdir.load`) and evaluates it on one fixed held-out set, the same
+for every run: `--val_tokens` targets (default 1,048,576) in windows of seq_len + 1 tokens whose starts are
+spread evenly over the whole validation token stream (data.val_fraction 0.1: 64 held-out files, 1.41M
+tokens, under Python 3.11; every window when the split holds fewer). The smoothed train loss is the mean
+of the train losses logged over the last 10% of steps.
+
+Per variant the results give the mean validation loss over seeds with its 95% t interval (mean +-
+t_{0.975, n-1} sd / sqrt(n)), and the difference against MHA paired by seed (the mean of the per-seed
+differences +- its own t interval), significant when that interval excludes 0. Cache bytes are for
+bfloat16 (2 bytes a value), summed over layers.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import math
 import os
+import platform
+import shlex
+import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import jax
+import numpy as np
 
 from benchmarks.common import RESULTS, machine_lines, train_quietly, write_lines
 from configs import mla as mla_config
 from mla_jax import cache as cache_lib
-from mla_jax.config import ModelConfig, validate
-from mla_jax.model import count_params, init_params
+from mla_jax import workdir as workdir_lib
+from mla_jax.config import validate
+from mla_jax.data import load_corpus, load_tokenizer
+from mla_jax.model import LanguageModel, count_params
+from mla_jax.train_step import evaluation_totals, make_eval_step
 
 BYTES_PER_VALUE = 2  # bfloat16 cache
-BYTE_VOCAB = 320
+NUM_HEADS, HEAD_DIM = 8, 64
+VAL_FRACTION = 0.1
+SMOOTH_SHARE = 0.1  # the smoothed train loss averages the logged losses of the last 10% of steps
+
+# Overridable by flags; `None` flags take the preset's value.
+PRESETS = {
+  "cpu": {
+    "hidden": 256,
+    "layers": 2,
+    "intermediate": 512,
+    "q_latent": 192,
+    "seq_len": 256,
+    "batch": 8,
+    "steps": 128,
+    "learning_rate": 1e-3,
+    "log_interval": 1,
+    "val_tokens": 1 << 20,
+    "eval_batch": 16,  # on 2 CPU cores 16 rows evaluate ~8% faster per token than 64
+    "seeds": 3,
+  },
+  "gpu": {
+    "hidden": 512,
+    "layers": 8,
+    "intermediate": 2048,
+    "q_latent": 192,
+    "seq_len": 512,
+    "batch": 32,
+    "steps": 1000,
+    "learning_rate": 1e-3,
+    "log_interval": 5,
+    "val_tokens": 1 << 20,
+    "eval_batch": 64,
+    "seeds": 3,
+  },
+}
+
+MHA_FAMILY, GQA_FAMILY, MLA_FAMILY = "MHA / partial RoPE", "GQA", "MLA"
+VARIANTS = (
+  {"key": "mha", "name": "MHA (8 kv heads)", "family": MHA_FAMILY, "kv_heads": 8},
+  {"key": "gqa4", "name": "GQA (4 kv heads)", "family": GQA_FAMILY, "kv_heads": 4},
+  {"key": "mha_rope16", "name": "MHA, RoPE on 16 of 64 dims", "family": MHA_FAMILY, "kv_heads": 8, "rope_dim": 16},
+  {"key": "mha_rope32", "name": "MHA, RoPE on 32 of 64 dims", "family": MHA_FAMILY, "kv_heads": 8, "rope_dim": 32},
+  *(
+    {"key": f"mla{c}", "name": f"MLA d_c {c}", "family": MLA_FAMILY, "kv_latent_dim": c, "d_rope": 16}
+    for c in (64, 128, 192, 256)
+  ),
+  *(
+    {
+      "key": f"mla192_rope{r}",
+      "name": f"MLA d_c 192, d_rope {r}",
+      "family": MLA_FAMILY,
+      "kv_latent_dim": 192,
+      "d_rope": r,
+    }
+    for r in (32, 64)
+  ),
+  {
+    "key": "mla192_noq",
+    "name": "MLA d_c 192, no q compression",
+    "family": MLA_FAMILY,
+    "kv_latent_dim": 192,
+    "d_rope": 16,
+    "q_latent_dim": 0,
+  },
+)
+BASELINE = "mha"
+SWEEP = ("mla64", "mla128", "mla192", "mla256")  # kv_latent_dim at d_rope 16, joined in the plot
+PLOT_MARKERS = {
+  "mha_rope16": "s",
+  "mha_rope32": "D",
+  "mla64": "<",
+  "mla128": "o",
+  "mla192": "s",
+  "mla256": ">",
+  "mla192_rope32": "^",
+  "mla192_rope64": "v",
+  "mla192_noq": "P",
+}
+# The partial-RoPE control: each MLA variant against the MHA variant that rotates as many dims of a head.
+ROPE_CONTROLS = (("mla192", "mha_rope16"), ("mla192_rope32", "mha_rope32"))
+
+# t_{0.975, dof} for dof 1..30 (two-sided 95%), to three decimals.
+T_975 = (
+  12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,
+  2.201, 2.179, 2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086,
+  2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042,
+)  # fmt: skip
 
 
-def variants(latents: list[int], gqa_heads: int, num_heads: int) -> list[dict]:
-  out = [
-    {"name": f"MHA ({num_heads} kv heads)", "kind": "mha", "kv_heads": num_heads, "seed": 0},
-    {"name": f"GQA ({gqa_heads} kv heads)", "kind": "gqa", "kv_heads": gqa_heads, "seed": 0},
-  ]
-  out += [{"name": f"MLA d_c {c}", "kind": "mla", "kv_latent_dim": c, "seed": 0} for c in latents]
-  out.append({"name": f"GQA ({gqa_heads} kv heads), seed 1", "kind": "gqa", "kv_heads": gqa_heads, "seed": 1})
+def t_quantile_975(dof: int) -> float:
+  """The 97.5% quantile of Student's t with `dof` degrees of freedom (nan for dof < 1). Beyond the table,
+  the Cornish-Fisher expansion around the normal quantile (within 1e-4 of the exact value from dof 30)."""
+  if dof < 1:
+    return float("nan")
+  if dof <= len(T_975):
+    return T_975[dof - 1]
+  z = 1.959964
+  return z + (z**3 + z) / (4 * dof) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * dof**2)
+
+
+def interval(values) -> dict:
+  """Mean, sample sd (n - 1) and the 95% t half-width of `values` (nan sd and half-width for one value)."""
+  x = np.asarray(values, np.float64)
+  n = len(x)
+  mean = float(x.mean()) if n else float("nan")
+  sd = float(x.std(ddof=1)) if n > 1 else float("nan")
+  half = t_quantile_975(n - 1) * sd / math.sqrt(n) if n > 1 else float("nan")
+  return {"n": n, "mean": mean, "sd": sd, "half": half, "low": mean - half, "high": mean + half}
+
+
+def paired(values: dict, baseline: dict) -> dict:
+  """The interval of values[seed] - baseline[seed] over the seeds both have; `significant` when the 95%
+  interval excludes 0 (None when it cannot be computed)."""
+  seeds = sorted(set(values) & set(baseline))
+  out = interval([values[s] - baseline[s] for s in seeds])
+  out["seeds"] = seeds
+  out["significant"] = None if math.isnan(out["half"]) else bool(out["low"] > 0 or out["high"] < 0)
   return out
 
 
-# --ablation: what makes MLA differ from GQA at this budget, at the seed's kv_latent_dim 192.
-ABLATIONS = [
-  {"name": "MLA d_c 192, d_rope 64", "kind": "mla", "kv_latent_dim": 192, "d_rope": 64, "seed": 0},
-  {"name": "MLA d_c 192, no query compression", "kind": "mla", "kv_latent_dim": 192, "q_latent_dim": 0, "seed": 0},
-]
+def options(argv) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(
+    prog="python -m benchmarks.latent_study", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
+  parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu", help="model size and budget (default cpu)")
+  parser.add_argument("--seeds", type=int, help="seeds per variant (0, 1, ...); preset: 3")
+  parser.add_argument(
+    "--variants",
+    default="",
+    help="comma-separated keys of VARIANTS (default: all); " + ", ".join(v["key"] for v in VARIANTS),
+  )
+  for flag, kind in (
+    ("steps", int),
+    ("layers", int),
+    ("hidden", int),
+    ("intermediate", int),
+    ("q_latent", int),
+    ("seq_len", int),
+    ("batch", int),
+    ("learning_rate", float),
+    ("log_interval", int),
+    ("val_tokens", int),
+    ("eval_batch", int),
+  ):
+    parser.add_argument(f"--{flag}", type=kind, help="default: the preset's")
+  parser.add_argument("--workdir", default="", help="keep the runs here (default: a temporary folder, removed)")
+  parser.add_argument("--results_dir", default=str(RESULTS), help="where the .md, .json and .png go")
+  parser.add_argument("--no_write", action="store_true", help="print the tables only")
+  args = parser.parse_args(argv)
+  for key, value in PRESETS[args.preset].items():
+    if getattr(args, key) is None:
+      setattr(args, key, value)
+  if args.seeds < 1:
+    parser.error("--seeds must be >= 1")
+  known = {v["key"] for v in VARIANTS}
+  chosen = [k for k in args.variants.split(",") if k] or [v["key"] for v in VARIANTS]
+  unknown = sorted(set(chosen) - known)
+  if unknown:
+    parser.error(f"unknown --variants {', '.join(unknown)}; choose from {', '.join(sorted(known))}")
+  args.variant_list = [v for v in VARIANTS if v["key"] in chosen]
+  return args
 
 
-def make_config(v: dict, args) -> ml_collections.ConfigDict:  # noqa: F821
+def make_config(v: dict, args, seed: int):
   config = mla_config.get_config()
-  mla_config.apply_quick(config, args.steps, args.learning_rate)
+  mla_config.apply_quick(config, args.steps, args.learning_rate, args.batch, args.seq_len)
   m, t = config.model, config.trainer
-  m.name = v["name"]
-  m.num_layers = args.layers
-  if v["kind"] == "mla":
-    m.kv_latent_dim = v["kv_latent_dim"]
-    m.d_rope = v.get("d_rope", m.d_rope)
-    m.q_latent_dim = v.get("q_latent_dim", m.q_latent_dim)
+  m.name = v["key"]
+  m.hidden_size, m.num_layers, m.intermediate_size = args.hidden, args.layers, args.intermediate
+  m.num_heads, m.head_dim = NUM_HEADS, HEAD_DIM
+  if "kv_latent_dim" in v:
+    m.kv_latent_dim, m.d_rope = v["kv_latent_dim"], v["d_rope"]
+    m.q_latent_dim = v.get("q_latent_dim", args.q_latent)
   else:
     m.kv_latent_dim, m.q_latent_dim, m.d_rope = 0, 0, 0
     m.kv_heads = v["kv_heads"]
-  t.batch_size, t.seq_len = args.batch, args.seq_len
-  t.seed = v["seed"]
-  t.eval_interval = args.steps
-  t.eval_steps = args.eval_steps
-  t.log_interval = max(1, args.steps // 10)
-  t.save_interval = args.steps
+    if "rope_dim" in v:
+      m.rope_dim = v["rope_dim"]
+  config.data.val_fraction = VAL_FRACTION
+  t.seed = seed
+  t.eval_steps = 0  # the study evaluates the final checkpoint itself
+  t.eval_interval = t.save_interval = args.steps
+  t.log_interval = args.log_interval
+  t.max_checkpoints = 1
   config.sample.max_new_tokens = 0
   validate(config)
   return config
 
 
-def run_variant(v: dict, args, workroot: str) -> dict:
-  config = make_config(v, args)
-  cfg = ModelConfig.from_config(config, BYTE_VOCAB)
-  params, _ = init_params(cfg, jax.random.PRNGKey(0), 8)
-  counts = count_params(cfg, params)
-  per_token = sum(cache_lib.values_per_token(cfg, i) for i in range(cfg.num_layers)) * BYTES_PER_VALUE
-  workdir = os.path.join(workroot, "".join(ch if ch.isalnum() else "_" for ch in v["name"]))
-  final, seconds, tok_s = train_quietly(config, workdir)
-  return {
-    **v,
+def validation_windows(tokens: np.ndarray, seq_len: int, val_tokens: int) -> np.ndarray:
+  """[windows, seq_len + 1] int32: val_tokens // seq_len windows with starts spread evenly from the first
+  token to the last window's place (neighbours share at most one token); every window, one after another,
+  when the split holds fewer."""
+  n, fit = max(1, val_tokens // seq_len), (len(tokens) - 1) // seq_len
+  if fit < 1:
+    raise SystemExit(f"the validation split holds {len(tokens):,} tokens, too few for one window of {seq_len + 1}")
+  if n >= fit:
+    starts = np.arange(fit, dtype=np.int64) * seq_len
+  else:
+    starts = np.round(np.linspace(0, len(tokens) - seq_len - 1, n)).astype(np.int64)
+  return np.stack([np.asarray(tokens[s : s + seq_len + 1]) for s in starts]).astype(np.int32)
+
+
+def smoothed_train_loss(workdir: str, steps: int) -> tuple[float, int]:
+  """Mean of the logged train losses whose step is in the last 10% of `steps` (the last logged loss when
+  none is), and how many it averaged."""
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    logs = [json.loads(line) for line in f]
+  losses = [(r["step"], r["loss"]) for r in logs if "loss" in r]
+  first = steps - max(1, math.ceil(steps * SMOOTH_SHARE))
+  tail = [loss for step, loss in losses if step > first] or [losses[-1][1]]
+  return float(np.mean(tail)), len(tail)
+
+
+def evaluate(workdir: str, batches: list[dict]) -> tuple[dict, dict]:
+  """(totals over `batches`, parameter counts) of the newest checkpoint in `workdir`."""
+  loaded = workdir_lib.load(workdir)
+  model_state = {k: v for k, v in loaded.variables.items() if k != "params"}
+  eval_step = make_eval_step(LanguageModel(loaded.cfg), loss_chunk_size=loaded.config.trainer.loss_chunk_size)
+  nll, count = evaluation_totals(eval_step, loaded.variables["params"], model_state, batches)
+  counts = count_params(loaded.cfg, loaded.variables["params"])
+  per_token = sum(cache_lib.values_per_token(loaded.cfg, i) for i in range(loaded.cfg.num_layers))
+  return {"nll": nll, "tokens": int(count), "step": int(loaded.step)}, {
     "params": counts["total"],
-    "attention_params": counts.get("attention", 0),
-    "cache_bytes_per_token": per_token,
-    "val_loss": final["val_loss"],
-    "train_loss": final["loss"],
-    "seconds": seconds,
-    "tokens_per_s": tok_s,
+    "attention_params": counts.get("mla", 0) + counts.get("gqa", 0),
+    "cache_bytes_per_token": per_token * BYTES_PER_VALUE,
   }
 
 
-def plot(rows: list[dict], path: Path, title: str) -> None:
-  import matplotlib
+def run(v: dict, seed: int, args, workroot: str, batches: list[dict]) -> dict:
+  config = make_config(v, args, seed)
+  workdir = os.path.join(workroot, f"{v['key']}_seed{seed}")
+  final, seconds, tok_s = train_quietly(config, workdir)
+  if "stopped_by" in final:
+    raise SystemExit(f"{workdir}: training stopped by {final['stopped_by']}")
+  train_loss, points = smoothed_train_loss(workdir, args.steps)
+  start = time.time()
+  totals, sizes = evaluate(workdir, batches)
+  eval_seconds = time.time() - start
+  if totals["step"] != args.steps:
+    raise SystemExit(f"{workdir}: the newest checkpoint is step {totals['step']}, not {args.steps}")
+  if not args.workdir:
+    shutil.rmtree(workdir, ignore_errors=True)
+  return {
+    "key": v["key"],
+    "name": v["name"],
+    "family": v["family"],
+    "seed": seed,
+    **sizes,
+    "val_loss": totals["nll"] / totals["tokens"],
+    "val_tokens": totals["tokens"],
+    "train_loss": train_loss,
+    "train_loss_points": points,
+    "final_train_loss": final.get("loss", float("nan")),
+    "train_seconds": seconds,
+    "eval_seconds": eval_seconds,
+    "tokens_per_s": tok_s,
+    "resumed": bool(final.get("already_complete")),
+  }
 
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
 
-  fig, ax = plt.subplots(figsize=(7, 4.5))
-  colors = {"mha": "tab:red", "gqa": "tab:blue", "mla": "tab:green"}
-  for r in rows:
-    marker = "x" if r["seed"] else "o"
-    ax.scatter(r["cache_bytes_per_token"] / 1024, r["val_loss"], color=colors[r["kind"]], marker=marker, s=50)
-    ax.annotate(
-      r["name"],
-      (r["cache_bytes_per_token"] / 1024, r["val_loss"]),
-      fontsize=8,
-      xytext=(5, 3),
-      textcoords="offset points",
+def summarize(rows: list[dict], variant_list: list[dict]) -> list[dict]:
+  by_key = {v["key"]: {r["seed"]: r for r in rows if r["key"] == v["key"]} for v in variant_list}
+  base = {s: r["val_loss"] for s, r in by_key.get(BASELINE, {}).items()}
+  out = []
+  for v in variant_list:
+    runs = by_key[v["key"]]
+    if not runs:
+      continue
+    loss = {s: r["val_loss"] for s, r in runs.items()}
+    first = next(iter(runs.values()))
+    out.append(
+      {
+        "key": v["key"],
+        "name": v["name"],
+        "family": v["family"],
+        "params": first["params"],
+        "attention_params": first["attention_params"],
+        "cache_bytes_per_token": first["cache_bytes_per_token"],
+        "val_loss": interval(list(loss.values())),
+        "train_loss": interval([r["train_loss"] for r in runs.values()]),
+        "vs_mha": paired(loss, base) if base and v["key"] != BASELINE else None,
+        "tokens_per_s": float(np.mean([r["tokens_per_s"] for r in runs.values()])),
+        "train_seconds": float(np.mean([r["train_seconds"] for r in runs.values()])),
+      }
     )
-  mla_rows = sorted((r for r in rows if r["kind"] == "mla"), key=lambda r: r["cache_bytes_per_token"])
-  ax.plot(
-    [r["cache_bytes_per_token"] / 1024 for r in mla_rows],
-    [r["val_loss"] for r in mla_rows],
-    color=colors["mla"],
-    alpha=0.5,
-  )
-  ax.set_xscale("log", base=2)
-  ax.set_xlabel("KV cache per token, all layers (KiB, bfloat16)")
-  ax.set_ylabel("validation loss (nats/token)")
-  ax.set_title(title, fontsize=9)
-  ax.grid(alpha=0.3)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  return out
 
 
-def table(rows: list[dict], args, hidden: int, layers: int) -> list[dict]:
-  mha = next(r for r in rows if r["kind"] == "mha")
-  gqa = next(r for r in rows if r["kind"] == "gqa" and r["seed"] == 0)
+def fmt_interval(s: dict, digits: int = 4, sign: bool = False) -> str:
+  mean = f"{s['mean']:+.{digits}f}" if sign else f"{s['mean']:.{digits}f}"
+  return mean if math.isnan(s["half"]) else f"{mean} ± {s['half']:.{digits}f}"
+
+
+def verdict(p: dict | None) -> str:
+  if p is None or p["significant"] is None:
+    return "n/a"
+  return "significant" if p["significant"] else "not significant"
+
+
+def table(summary: list[dict]) -> list[str]:
+  mha = next((s for s in summary if s["key"] == BASELINE), None)
   lines = [
-    "| variant | cache B/token | vs MHA | vs GQA | seed guide's ratio | params | val loss | "
-    "Δ vs GQA | Δ vs MHA | train loss | tokens/s |",
-    "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    "| variant | cache B/token | vs MHA | params | attention params | val loss (95%) | Δ vs MHA, paired (95%) | "
+    "significant | train loss, last 10% (95%) | tokens/s | s/run |",
+    "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|",
   ]
-  for r in rows:
-    guide = f"{hidden / r['kv_latent_dim']:.1f}x" if r["kind"] == "mla" else "-"
+  for s in summary:
+    ratio = f"{mha['cache_bytes_per_token'] / s['cache_bytes_per_token']:.1f}x" if mha else "-"
+    diff = fmt_interval(s["vs_mha"], sign=True) if s["vs_mha"] else "-"
     lines.append(
-      f"| {r['name']} | {r['cache_bytes_per_token']:,} | "
-      f"{mha['cache_bytes_per_token'] / r['cache_bytes_per_token']:.1f}x | "
-      f"{gqa['cache_bytes_per_token'] / r['cache_bytes_per_token']:.2f}x | {guide} | "
-      f"{r['params'] / 1e6:.2f}M | {r['val_loss']:.4f} | {r['val_loss'] - gqa['val_loss']:+.4f} | "
-      f"{r['val_loss'] - mha['val_loss']:+.4f} | {r['train_loss']:.4f} | {r['tokens_per_s']:,.0f} |"
+      f"| {s['name']} | {s['cache_bytes_per_token']:,} | {ratio} | {s['params'] / 1e6:.2f}M | "
+      f"{s['attention_params'] / 1e6:.2f}M | {fmt_interval(s['val_loss'])} | {diff} | "
+      f"{verdict(s['vs_mha']) if s['vs_mha'] else '-'} | {fmt_interval(s['train_loss'])} | "
+      f"{s['tokens_per_s']:,.0f} | {s['train_seconds']:.0f} |"
     )
   return lines
 
 
-def main(argv=None) -> None:
-  parser = argparse.ArgumentParser(
-    prog="python -m benchmarks.latent_study", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-  )
-  parser.add_argument("--latents", default="64,128,192,256")
-  parser.add_argument("--gqa_heads", type=int, default=4)
-  parser.add_argument("--layers", type=int, default=4)
-  parser.add_argument("--steps", type=int, default=160)
-  parser.add_argument("--batch", type=int, default=8)
-  parser.add_argument("--seq_len", type=int, default=256)
-  parser.add_argument("--learning_rate", type=float, default=1e-3)
-  parser.add_argument("--eval_steps", type=int, default=32)
-  parser.add_argument("--workdir", default="", help="keep the runs here (default: a temporary folder)")
-  parser.add_argument(
-    "--ablation",
-    action="store_true",
-    help="train the ABLATIONS variants and compare them with the rows of the last full study "
-    "(benchmarks/results/latent_study.json, same settings) -> latent_study_ablation.md",
-  )
-  parser.add_argument("--no_write", action="store_true")
-  args = parser.parse_args(argv)
-
-  base = mla_config.get_config().model
-  if args.ablation:
-    return ablation(args, base)
-  runs = variants([int(c) for c in args.latents.split(",")], args.gqa_heads, base.num_heads)
-  rows = []
-  with tempfile.TemporaryDirectory() as tmp:
-    workroot = args.workdir or tmp
-    for v in runs:
-      r = run_variant(v, args, workroot)
-      rows.append(r)
-      print(
-        f"{r['name']:32s} cache {r['cache_bytes_per_token']:6,} B/token  val loss {r['val_loss']:.4f}  "
-        f"train loss {r['train_loss']:.4f}  {r['tokens_per_s']:,.0f} tok/s  {r['seconds']:.0f}s",
-        flush=True,
-      )
-
-  setup = describe(args, base)
-  lines = table(rows, args, base.hidden_size, args.layers)
-  noise = abs(rows[-1]["val_loss"] - next(r for r in rows if r["kind"] == "gqa")["val_loss"])
-  print("\n".join(lines))
-  if args.no_write:
-    return
-  png = RESULTS / "latent_study.png"
-  RESULTS.mkdir(exist_ok=True)
-  (RESULTS / "latent_study.json").write_text(json.dumps({"setup": setup, "rows": rows}, indent=1) + "\n")
-  tokens = args.steps * args.batch * args.seq_len
-  plot(rows, png, f"{args.layers} layers, hidden {base.hidden_size}, {tokens / 1e6:.2f}M tokens")
-  body = [
-    "# Latent-size study: validation loss against KV cache",
-    "",
-    *machine_lines(),
-    "",
-    setup + ".",
-    "",
-    "Cache B/token: bytes cached per token for one sequence, all layers, bfloat16. 'vs MHA' and "
-    "'vs GQA' are the measured compression ratios; the seed guide's ratio is hidden_size / "
-    "kv_latent_dim. Δ: validation loss minus the baseline's (negative is better). Run-to-run "
-    f"noise: the GQA baseline from a second seed differs by {noise:.4f}.",
-    "",
-    *lines,
-    "",
-    f"![validation loss against cache bytes]({png.name})",
-    "",
-    *quality_verdicts(rows, noise),
-    "",
-    *guide_table(base.d_rope),
+def seed_table(rows: list[dict], summary: list[dict], seeds: int) -> list[str]:
+  lines = [
+    "| variant | " + " | ".join(f"seed {s}" for s in range(seeds)) + " |",
+    "|---|" + "---:|" * seeds,
   ]
-  write_lines(RESULTS / "latent_study.md", body)
-  print(f"wrote {png}")
+  for s in summary:
+    loss = {r["seed"]: r["val_loss"] for r in rows if r["key"] == s["key"]}
+    lines.append(f"| {s['name']} | " + " | ".join(f"{loss[i]:.4f}" if i in loss else "-" for i in range(seeds)) + " |")
+  return lines
 
 
-def ablation(args, base) -> None:
-  study = json.loads((RESULTS / "latent_study.json").read_text())
-  setup = describe(args, base)
-  if study["setup"] != setup:
-    sys.exit(f"the saved study ran with other settings:\n  {study['setup']}\nthis run:\n  {setup}")
-  keep = [r for r in study["rows"] if r["kind"] != "mla" or r["kv_latent_dim"] == 192]
-  with tempfile.TemporaryDirectory() as tmp:
-    rows = keep[:-1] + [run_variant(v, args, args.workdir or tmp) for v in ABLATIONS] + keep[-1:]
-  lines = table(rows, args, base.hidden_size, args.layers)
-  print("\n".join(lines))
-  if args.no_write:
-    return
-  body = [
-    "# Latent-size study, ablation at kv_latent_dim 192",
-    "",
-    *machine_lines(),
-    "",
-    setup + ".",
-    "",
-    "The MHA, GQA and 'MLA d_c 192' rows are the full study's (latent_study.md, same settings and data "
-    "order); the others are trained now. 'd_rope 64' gives the decoupled RoPE part the width of a GQA "
-    "head; 'no query compression' projects the query straight from the input (q_latent_dim 0).",
-    "",
-    *lines,
-  ]
-  write_lines(RESULTS / "latent_study_ablation.md", body)
-
-
-def describe(args, base) -> str:
-  hidden = base.hidden_size
-  tokens = args.steps * args.batch * args.seq_len
-  return (
-    f"hidden {hidden}, {args.layers} layers, {base.num_heads} heads of {hidden // base.num_heads}, "
-    f"SwiGLU {base.intermediate_size}; MLA q_latent_dim {base.q_latent_dim}, d_rope {base.d_rope}; "
-    f"{args.steps} steps of {args.batch} x {args.seq_len} tokens ({tokens / 1e6:.2f}M tokens), AdamW "
-    f"lr {args.learning_rate} (warmup {args.steps // 8}, cosine), byte tokenizer, embedded corpus "
-    f"(Python standard library, held-out files); validation loss over {args.eval_steps} batches "
-    f"({args.eval_steps * args.batch * args.seq_len:,} tokens)"
+def verdicts(rows: list[dict], summary: list[dict]) -> list[str]:
+  """Each variant against MHA, and the partial-RoPE control, read from the paired intervals."""
+  mha = next((s for s in summary if s["key"] == BASELINE), None)
+  out = ["## Verdicts: each variant against MHA, paired by seed", ""]
+  if mha is None:
+    return out + ["MHA was not trained in this run: no paired differences."]
+  out.append(
+    "Δ is the mean over seeds of (variant − MHA) validation loss from the same seed (same data order); "
+    "negative is better. Significant: the 95% interval excludes 0."
   )
-
-
-def quality_verdicts(rows: list[dict], noise: float) -> list[str]:
-  """The seed guide says MLA quality is "slightly lower" than standard attention: each MLA row, read
-  against the MHA row and the seed-to-seed spread."""
-  mha = next(r for r in rows if r["kind"] == "mha")
-  out = ['## The seed guide\'s quality claim ("Quality: slightly lower") against this run', ""]
-  for r in rows:
-    if r["kind"] != "mla":
+  out.append("")
+  for s in summary:
+    p = s["vs_mha"]
+    if p is None:
       continue
-    delta = r["val_loss"] - mha["val_loss"]
-    verdict = (
-      "within the seed-to-seed spread"
-      if abs(delta) <= noise
-      else "lower loss than MHA"
-      if delta < 0
-      else "higher loss than MHA"
+    ratio = mha["cache_bytes_per_token"] / s["cache_bytes_per_token"]
+    cache = (
+      f"{ratio:.1f}x less cache" if ratio > 1 else "the same cache" if ratio == 1 else f"{1 / ratio:.1f}x more cache"
     )
-    out.append(
-      f"- {r['name']}: {delta:+.4f} nats vs MHA ({verdict}, spread {noise:.4f}) with "
-      f"{mha['cache_bytes_per_token'] / r['cache_bytes_per_token']:.1f}x less cache"
-    )
+    out.append(f"- {s['name']}: {describe_diff(p)} vs MHA, {cache}.")
+  by_key = {s["key"]: s for s in summary}
+  controls = [(a, b) for a, b in ROPE_CONTROLS if a in by_key and b in by_key]
+  if controls:
+    out += [
+      "",
+      "## Partial-RoPE control: is MLA's gap the latent or the narrow RoPE part?",
+      "",
+      "MLA rotates only d_rope dims of each query/key head; MHA with model.rope_dim = d_rope rotates as many "
+      "and caches full keys and values. Paired by seed:",
+      "",
+    ]
+    for a, b in controls:
+      loss = lambda key: {r["seed"]: r["val_loss"] for r in rows if r["key"] == key}
+      gap = paired(loss(a), loss(b))
+      out.append(f"- {by_key[a]['name']} − {by_key[b]['name']}: {describe_diff(gap)}.")
+      if by_key[b]["vs_mha"]:
+        out.append(
+          f"  (of which the RoPE width alone, {by_key[b]['name']} − MHA: {describe_diff(by_key[b]['vs_mha'])})"
+        )
   return out
+
+
+def describe_diff(p: dict) -> str:
+  if math.isnan(p["half"]):
+    return f"{p['mean']:+.4f} nats ({p['n']} seed: no interval)"
+  return (
+    f"{p['mean']:+.4f} ± {p['half']:.4f} nats (95% [{p['low']:+.4f}, {p['high']:+.4f}], {p['n']} seeds, {verdict(p)})"
+  )
+
+
+def plot(summary: list[dict], path: Path, title: str) -> None:
+  """Mean validation loss with its 95% interval against cache bytes: one color per family, one marker per
+  variant (named in the legend); the MLA d_c sweep at d_rope 16 joined by a line."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  from matplotlib.ticker import ScalarFormatter
+
+  colors = {MHA_FAMILY: "tab:red", GQA_FAMILY: "tab:blue", MLA_FAMILY: "tab:green"}
+  fig, ax = plt.subplots(figsize=(9, 5))
+  seen: dict[int, int] = {}
+  sweep = []
+  for s in summary:
+    cache = s["cache_bytes_per_token"]
+    k = seen.get(cache, 0)
+    seen[cache] = k + 1
+    x = cache * 2 ** (0.04 * k)  # variants with the same cache side by side
+    y, half = s["val_loss"]["mean"], s["val_loss"]["half"]
+    ax.errorbar(
+      x,
+      y,
+      yerr=None if math.isnan(half) else half,
+      fmt=PLOT_MARKERS.get(s["key"], "o"),
+      markersize=7,
+      color=colors[s["family"]],
+      capsize=3,
+      label=s["name"],
+    )
+    if s["key"] in SWEEP:
+      sweep.append((x, y))
+  if len(sweep) > 1:
+    ax.plot(*zip(*sorted(sweep), strict=True), color=colors[MLA_FAMILY], alpha=0.4, zorder=0)
+  ax.set_xscale("log", base=2)
+  ax.xaxis.set_major_formatter(ScalarFormatter())
+  ax.set_xlabel("KV cache per token, all layers (bytes, bfloat16; log2 scale)")
+  ax.set_ylabel("validation loss (nats/token): mean, 95% interval")
+  ax.set_title(title, fontsize=9)
+  ax.grid(alpha=0.3)
+  ax.legend(
+    fontsize=7,
+    loc="upper left",
+    bbox_to_anchor=(1.01, 1.0),
+    title="red: MHA / partial RoPE, blue: GQA, green: MLA",
+    title_fontsize=6,
+  )
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
 
 
 def guide_table(d_rope: int) -> list[str]:
@@ -312,6 +515,137 @@ def guide_table(d_rope: int) -> list[str]:
     mla, mha = latent + d_rope, 2 * hidden
     out.append(f"| {hidden} | {latent} | {hidden / latent:.1f}x | {mla} | {mha} | {mha / mla:.1f}x |")
   return out
+
+
+def setup_line(args) -> str:
+  tokens = args.steps * args.batch * args.seq_len
+  return (
+    f"Preset {args.preset}: hidden {args.hidden}, {args.layers} layers, {NUM_HEADS} heads of {HEAD_DIM}, SwiGLU "
+    f"{args.intermediate}; MLA q_latent_dim {args.q_latent} unless noted; {args.steps} steps of {args.batch} x "
+    f"{args.seq_len} tokens ({tokens / 1e6:.2f}M tokens a run), AdamW lr {args.learning_rate} (warmup "
+    f"{args.steps // 8}, cosine), float32; byte tokenizer, the embedded corpus (Python standard library, "
+    f"data.val_fraction {VAL_FRACTION}: held-out files); {args.seeds} seeds (trainer.seed 0..{args.seeds - 1}: "
+    f"initialisation and data order); train loss logged every {args.log_interval} step(s)"
+  )
+
+
+def corpus_hash(corpus) -> str:
+  """sha256 of the train then the validation token stream, as little-endian uint32."""
+  h = hashlib.sha256()
+  for part in (corpus.train, corpus.val):
+    h.update(np.ascontiguousarray(part, dtype="<u4").tobytes())
+  return h.hexdigest()
+
+
+def main(argv=None) -> dict:
+  args = options(argv)
+  command = "python -m benchmarks.latent_study" + "".join(
+    " " + shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)
+  )
+  start = time.time()
+  load_start = os.getloadavg()
+  probe = make_config(VARIANTS[0], args, 0)
+  tokenizer = load_tokenizer(probe.data.tokenizer)
+  with open(os.devnull, "w") as quiet:
+    corpus = load_corpus(probe.data, tokenizer, stream=quiet)
+  windows = validation_windows(corpus.val, args.seq_len, args.val_tokens)
+  val = {
+    "split_tokens": len(corpus.val),
+    "windows": len(windows),
+    "window_tokens": args.seq_len + 1,
+    "target_tokens": len(windows) * args.seq_len,
+    "sha256": hashlib.sha256(windows.astype("<i4").tobytes()).hexdigest(),
+  }
+  batches = [
+    {"inputs": w[:, :-1], "targets": w[:, 1:]}
+    for w in (windows[i : i + args.eval_batch] for i in range(0, len(windows), args.eval_batch))
+  ]
+  header = [
+    *machine_lines(),
+    f"- Python {platform.python_version()}",
+    f"- corpus: {corpus.description}; {len(corpus.train):,} train + {len(corpus.val):,} validation tokens; "
+    f"sha256 of the train then validation token stream (little-endian uint32): {corpus_hash(corpus)}",
+    f"- validation: {val['target_tokens']:,} target tokens in {val['windows']:,} windows of {val['window_tokens']} "
+    f"tokens spread evenly over the {val['split_tokens']:,}-token split; sha256 of the windows (int32, "
+    f"concatenated): {val['sha256']}",
+    f"- command: `{command}`",
+  ]
+  print("\n".join(header[-3:]), flush=True)
+  rows = []
+  with tempfile.TemporaryDirectory() as tmp:
+    workroot = args.workdir or tmp
+    if jax.config.jax_compilation_cache_dir is None:  # the seeds of a variant compile the same programs once
+      jax.config.update("jax_compilation_cache_dir", os.path.join(workroot, "xla_cache"))
+      jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    for seed in range(args.seeds):  # seeds outermost: an interrupted study still has complete pairs
+      for v in args.variant_list:
+        r = run(v, seed, args, workroot, batches)
+        rows.append(r)
+        print(
+          f"seed {seed}  {r['name']:32s} cache {r['cache_bytes_per_token']:6,} B/token  val loss {r['val_loss']:.4f}  "
+          f"train loss {r['train_loss']:.4f}  {r['tokens_per_s']:,.0f} tok/s  train {r['train_seconds']:.0f}s  "
+          f"eval {r['eval_seconds']:.0f}s",
+          flush=True,
+        )
+  wall = time.time() - start
+  load_end = os.getloadavg()
+  summary = summarize(rows, args.variant_list)
+  header += [
+    f"- wall time: {wall / 60:.1f} min for {len(rows)} trainings and their evaluations; 1-minute load average "
+    f"{load_start[0]:.2f} at the start, {load_end[0]:.2f} at the end ({os.cpu_count()} cores)"
+  ]
+  lines = table(summary)
+  print("\n".join(lines))
+  print(f"wall time {wall / 60:.1f} min ({wall / max(len(rows), 1):.0f} s a training + evaluation)")
+  result = {
+    "setup": {**{k: v for k, v in vars(args).items() if k != "variant_list"}, "setup": setup_line(args)},
+    "header": header,
+    "validation": val,
+    "wall_seconds": wall,
+    "rows": rows,
+    "summary": summary,
+  }
+  if args.no_write:
+    return result
+  out = Path(args.results_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  (out / "latent_study.json").write_text(json.dumps(result, indent=1) + "\n")
+  png = out / "latent_study.png"
+  tokens = args.steps * args.batch * args.seq_len
+  plot(
+    summary,
+    png,
+    f"{args.layers} layers, hidden {args.hidden}, {tokens / 1e6:.2f}M tokens a run, {args.seeds} seeds; "
+    f"validation {val['target_tokens']:,} tokens",
+  )
+  body = [
+    "# Latent study v2: validation loss against KV cache, with seeds and paired intervals",
+    "",
+    *header,
+    "",
+    setup_line(args) + ".",
+    "",
+    "Cache B/token: bytes cached per token for one sequence, all layers, bfloat16; 'vs MHA' is the "
+    "compression against MHA. Val loss: mean over seeds ± the 95% t half-width (t_{0.975, n−1} sd/√n). "
+    "Δ vs MHA: the mean of the per-seed differences ± its 95% half-width. Train loss: the mean of the logged "
+    "train losses over the last 10% of steps, then over seeds. tokens/s and s/run: training only, "
+    "compilation included in s/run.",
+    "",
+    *lines,
+    "",
+    f"![validation loss against cache bytes]({png.name})",
+    "",
+    "Validation loss of every run:",
+    "",
+    *seed_table(rows, summary, args.seeds),
+    "",
+    *verdicts(rows, summary),
+    "",
+    *guide_table(16),
+  ]
+  write_lines(out / "latent_study.md", body)
+  print(f"wrote {png} and {out / 'latent_study.json'}")
+  return result
 
 
 if __name__ == "__main__":

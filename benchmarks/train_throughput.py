@@ -16,28 +16,15 @@ import importlib
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.common import median_time, train_step_seconds, write_results
+from benchmarks.common import matmul_gflops, train_step_seconds, write_results
 from mla_jax.config import ModelConfig, validate
 from mla_jax.model import count_params, flops_per_token, init_params
 
 ROOT = Path(__file__).resolve().parents[1]
 
 BYTE_VOCAB = 320  # the byte tokenizer's vocabulary padded to a multiple of 64, as in training
-
-
-def matmul_peak(runs: int = 5) -> float:
-  """Best float32 FLOP/s over matmul shapes like the model's."""
-  best = 0.0
-  for m, k, n in ((2048, 512, 2048), (2048, 2048, 512), (1024, 512, 2048)):
-    a = jnp.ones((m, k), jnp.float32)
-    b = jnp.ones((k, n), jnp.float32)
-    f = jax.jit(lambda a, b: a @ b)
-    f(a, b).block_until_ready()
-    best = max(best, 2 * m * k * n / median_time(lambda: f(a, b).block_until_ready(), runs))
-  return best
 
 
 def measure(name: str, batch: int, seq_len: int, steps: int) -> dict:
@@ -72,7 +59,7 @@ def main(argv=None) -> None:
   parser.add_argument("--no_write", action="store_true")
   args = parser.parse_args(argv)
 
-  peak = matmul_peak()
+  peak = max(matmul_gflops(n) for n in (1024, 2048)) * 1e9
   rows = [
     f"float32 matmul peak measured in this run: {peak / 1e9:.0f} GFLOP/s",
     "",

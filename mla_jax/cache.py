@@ -3,7 +3,7 @@
 One cache per layer, chosen by the layer's mixer:
   MLA     MLACache: c_kv [B, S, kv_latent_dim] and k_rope [B, S, d_rope], nothing else per token
           (DeepSeek-V2 section 2.1.2: (d_c + d_h^R) numbers per token per layer).
-  GQA     KVCache: k and v [B, S, kv_heads, head_dim].
+  GQA     KVCache: k and v [B, kv_heads, S, head_dim].
   Mamba2  Mamba2Cache: conv [B, K-1, E] and ssm [B, H, P, N] float32: constant size.
 Each cache class names the logical axes of its arrays once (`AXES`, field -> names): the layers constrain
 their cache writes with them and `sharding.cache_shardings` lays the caches out by them (`logical_axes`).
@@ -15,6 +15,13 @@ jit with the caches donated, XLA updates the buffers in place. A position outsid
 (CacheOverflowError) wherever the positions are known on the host: eager calls, and the `generate` driver,
 which sizes the caches to the prompt plus the new tokens. Inside a jitted program such a write is dropped
 (never clamped onto another slot), so a driver that jits its own steps must keep positions < max_len.
+
+A one-token decode step reads the cache before its write and adds the new token itself
+(ops.latent_attention.latent_attention_step, ops.attention.attention_step), then writes with `after` set
+to the attention output. On XLA:CPU an in-place update whose result is read by a dot (the attention
+matmuls) is compiled as two updates of two whole copies of the cache; reading the old buffer while the
+update is not ordered after the reads also copies it. With the reads first and the write depending on
+them, the step copies no cache (tests/test_decode_copies.py counts the copies in the compiled step).
 """
 
 from __future__ import annotations
@@ -70,19 +77,22 @@ class MLACache(_LogicalAxes):
 
 @flax.struct.dataclass
 class KVCache(_LogicalAxes):
-  """GQA cache: RoPE'd keys and values per key/value head."""
+  """GQA cache: RoPE'd keys and values per key/value head, heads before slots ([B, K, S, D]), so that
+  each head's keys are one [S, D] block, the layout of the per-head attention matmuls (slots first, they
+  would be transposed at every step)."""
 
   AXES: ClassVar[dict[str, tuple]] = {
-    "k": ("cache_batch", "cache_sequence", "cache_heads", "cache_kv"),
-    "v": ("cache_batch", "cache_sequence", "cache_heads", "cache_kv"),
+    "k": ("cache_batch", "cache_heads", "cache_sequence", "cache_kv"),
+    "v": ("cache_batch", "cache_heads", "cache_sequence", "cache_kv"),
   }
+  SLOT_AXIS: ClassVar[int] = 2
 
-  k: jax.Array  # [B, S, kv_heads, head_dim]
-  v: jax.Array  # [B, S, kv_heads, head_dim]
+  k: jax.Array  # [B, kv_heads, S, head_dim]
+  v: jax.Array  # [B, kv_heads, S, head_dim]
 
   @classmethod
   def zeros(cls, cfg: ModelConfig, batch: int, max_len: int, dtype: Any) -> KVCache:
-    shape = (batch, max_len, cfg.kv_heads, cfg.head_dim)
+    shape = (batch, cfg.kv_heads, max_len, cfg.head_dim)
     return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
 
 
@@ -130,28 +140,44 @@ def check_positions(positions_BT, length: int) -> None:
     )
 
 
-def write(cache_BS: jax.Array, new_BT: jax.Array, positions_BT: jax.Array) -> jax.Array:
+def write(
+  cache_BS: jax.Array, new_BT: jax.Array, positions_BT: jax.Array, *, axis: int = 1, after: jax.Array | None = None
+) -> jax.Array:
   """Writes new_BT[b, t] into slot positions_BT[b, t] of cache_BS (all other slots unchanged).
 
-  Concrete positions outside the cache raise CacheOverflowError; traced ones are dropped (see the module
-  docstring). One row with one token (batch-1 decode) is a dynamic_update_slice, the rest a scatter.
+  The slots are the cache's dimension `axis` (1: [B, S, ...]; 2: [B, K, S, ...]); new_BT is [B, T, ...],
+  its remaining dimensions in the cache's order. Concrete positions outside the cache raise
+  CacheOverflowError; traced ones are dropped (see the module docstring). One row with one token (batch-1
+  decode) is a dynamic_update_slice, the rest a scatter. `after` ([B, ...], computed from every read of
+  the cache before this write, e.g. the attention output of a decode step) makes row b's write depend on
+  after[b], so that XLA runs it after those reads, in place, without copying the cache; it does not
+  change the result.
   """
-  (B, T), S = positions_BT.shape, cache_BS.shape[1]
+  (B, T), S = positions_BT.shape, cache_BS.shape[axis]
   if T > S:
     raise CacheOverflowError(f"cache write of {T} tokens but the cache has {S} slots")
   if not isinstance(positions_BT, jax.core.Tracer):
     check_positions(positions_BT, S)
   new_BT = new_BT.astype(cache_BS.dtype)
+  positions_BT = positions_BT.astype(jnp.int32)
+  if after is not None:
+    # x != x is false for every number but XLA does not fold it: min(position, S or S + 1) keeps the
+    # position (slots are < S, and one at S or beyond stays out of range) and now depends on `after`.
+    nan_B1 = after.reshape(B, -1)[:, :1]
+    positions_BT = jnp.minimum(positions_BT, S + (nan_B1 != nan_B1).astype(jnp.int32))
   if B == 1 and T == 1:
-    start = positions_BT[0, 0].astype(jnp.int32)
+    start = positions_BT[0, 0]
     zero = jnp.zeros((), jnp.int32)
-    index = (zero, jnp.clip(start, 0, S - 1)) + (zero,) * (cache_BS.ndim - 2)
+    index = (zero,) * axis + (jnp.clip(start, 0, S - 1),) + (zero,) * (cache_BS.ndim - axis - 1)
+    new_BT = jnp.moveaxis(new_BT, 1, axis)  # moves a size-1 dimension: no data moves
     # dynamic_update_slice clamps the index: out of range, the clamped slot gets its own value back.
     old_BT = jax.lax.dynamic_slice(cache_BS, index, new_BT.shape)
     new_BT = jnp.where((start >= 0) & (start < S), new_BT, old_BT)
     return jax.lax.dynamic_update_slice(cache_BS, new_BT, index)
   rows_B1 = jnp.arange(B, dtype=jnp.int32)[:, None]
-  return cache_BS.at[rows_B1, positions_BT].set(new_BT, mode="drop", wrap_negative_indices=False)
+  # Index arrays split by slices put their [B, T] dimensions first: the update is new_BT as it is.
+  index = (rows_B1,) + (slice(None),) * (axis - 1) + (positions_BT,)
+  return cache_BS.at[index].set(new_BT, mode="drop", wrap_negative_indices=False)
 
 
 def init_cache(

@@ -118,6 +118,13 @@ MODEL = (
   Key("max_seq_len", 2048, bound=">0"),
   Key("rope_theta", 10000.0, bound=">0"),
   Key("use_rope", True, "rotary position embedding in GQA attention (MLA always rotates its d_rope part)"),
+  Key(
+    "rope_dim",
+    0,
+    "GQA RoPE rotates the first rope_dim dims of each q/k head, the rest pass through (partial rotary); 0: head_dim",
+    bound=">=0",
+    resolve=lambda m: m.rope_dim or _head_dim(m),
+  ),
   Key("rms_norm_eps", 1e-6, bound=">0"),
   Key("tie_embeddings", False),
   # muP-style multipliers (Granite); the defaults change nothing.
@@ -438,7 +445,16 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     raise ConfigError("model.d_rope", f"must be even (RoPE rotates pairs), got {m.d_rope}")
   if not m.use_rope and mc.use_mla and "attention" in mc.layer_kinds:
     raise ConfigError("model.use_rope", "must be true for MLA, which always rotates its d_rope part")
-  if not mc.use_mla and m.use_rope and mc.head_dim % 2:
+  if m.rope_dim:
+    if mc.use_mla:
+      raise ConfigError("model.rope_dim", "is a GQA key; MLA rotates its own part of each head: set model.d_rope")
+    if not m.use_rope:
+      raise ConfigError("model.rope_dim", "is set but model.use_rope is false (nothing is rotated)")
+    if m.rope_dim % 2:
+      raise ConfigError("model.rope_dim", f"must be even (RoPE rotates pairs), got {m.rope_dim}")
+    if m.rope_dim > mc.head_dim:
+      raise ConfigError("model.rope_dim", f"must not exceed head_dim={mc.head_dim}, got {m.rope_dim}")
+  if not mc.use_mla and m.use_rope and not m.rope_dim and mc.head_dim % 2:
     if m.head_dim:
       raise ConfigError("model.head_dim", "must be even (RoPE rotates pairs)")
     raise ConfigError("model.num_heads", f"hidden_size / num_heads = {mc.head_dim} must be even for RoPE")

@@ -1,10 +1,11 @@
-r"""Hugging Face DeepSeek-V2/V3, Mamba2 and Granite 4.0-H checkpoints to and from mla_jax config and parameters.
+r"""Hugging Face DeepSeek-V2/V3, Mamba2, Granite 4.0-H and Llama checkpoints to and from mla_jax config and parameters.
 
 `from_hf(path)` reads a folder with `config.json` and `*.safetensors` (sharded with
 `model.safetensors.index.json` or not) and returns (config, params): a validated ConfigDict and the
 parameter tree of `mla_jax.model.LanguageModel`. `to_hf(config, params, path)` writes the inverse: MLA models as
 `deepseek_v2` (softmax routing) or, with the sigmoid router, `deepseek_v3`; Mamba2-only models as `mamba2`;
-GQA and Mamba2 models whose layers all have an FFN as `granitemoehybrid`.
+GQA models with RoPE and a SwiGLU MLP in every layer and none of Granite's multipliers as `llama`; other GQA and
+Mamba2 models whose layers all have an FFN as `granitemoehybrid`.
 Each format has one name table (HF tensors <-> our parameters, with the transform between them) that both
 directions use, and one table of config.json keys with a model key of the same meaning.
 
@@ -45,7 +46,13 @@ Layer types are read as the checkpoints write them (mamba / attention) or as tra
 full_attention); MoE tensors under either the checkpoints' names (router.layer, input_linear, output_linear) or
 transformers 5's in-memory ones. Refused: attention or Mamba projection biases, `mamba_conv_bias=False`,
 activations other than SiLU, RoPE scaling, `time_step_limit` other than (0, inf), a `head_dim` other than
-hidden_size / heads.
+hidden_size / heads. transformers' granitemoehybrid ignores `partial_rotary_factor` (it rotates the whole head), so
+import does too, and export refuses a partial rotary (model.rope_dim below head_dim).
+
+Llama: q/k/v/o and gate/up/down as in Granite's attention layers and DeepSeek's dense MLP, `head_dim` as
+written (hidden_size / heads when absent), `rope_theta` from rope_parameters or the top level. Refused: RoPE
+scaling (llama3, YaRN, any rope_type other than default), a partial_rotary_factor, attention or MLP biases,
+activations other than SiLU. transformers' Llama rotates halves (x_i, x_i+d/2), as ours does.
 
 RoPE: DeepSeek rotates interleaved pairs (x_2i, x_2i+1) by frequency i (transformers' DeepSeek-V2 always;
 V3 when `rope_interleave`), ours rotates (x_i, x_i+d/2). Importing permutes the rope columns of the query
@@ -77,7 +84,8 @@ from mla_jax.safetensors_io import Folder, Tensors, dtype_of, linear, write_fold
 
 _DEEPSEEK = ("deepseek_v2", "deepseek_v3")
 _GRANITE = "granitemoehybrid"
-_SUPPORTED = _DEEPSEEK + ("mamba2", _GRANITE)
+_LLAMA = "llama"
+_SUPPORTED = _DEEPSEEK + ("mamba2", _GRANITE, _LLAMA)
 _MTP_LAYERS = 8  # DeepSeek-V3 multi-token-prediction layers follow the model's; at most this many are skipped
 
 
@@ -284,29 +292,46 @@ def _gate_up(hf: str, ours: tuple[str, str]) -> Entry:
   return Entry((hf,), ours, load, lambda gate, up: (linear(np.concatenate([gate, up], -1)),))
 
 
+def _gqa(cfg: config_lib.ModelConfig, a: str, g: str) -> list[Entry]:
+  """q/k/v/o projections under HF prefix `a` (Llama and Granite name them alike) as our GQA kernels under `g`."""
+  H, K, Dh, D = cfg.num_heads, cfg.kv_heads, cfg.head_dim, cfg.hidden_size
+  return [
+    _kernel(a + "q_proj.weight", g + "w_q/kernel", (D, H, Dh)),
+    _kernel(a + "k_proj.weight", g + "w_k/kernel", (D, K, Dh)),
+    _kernel(a + "v_proj.weight", g + "w_v/kernel", (D, K, Dh)),
+    _kernel(a + "o_proj.weight", g + "w_o/kernel", (H, Dh, D), n_in=2),
+  ]
+
+
+def _norms(p: str, o: str) -> list[Entry]:
+  return [
+    _same(p + "input_layernorm.weight", o + "mixer_norm/scale"),
+    _same(p + "post_attention_layernorm.weight", o + "ffn_norm/scale"),
+  ]
+
+
+def llama_table(cfg: config_lib.ModelConfig) -> list[Entry]:
+  """The transformers Llama name table: GQA with RoPE and a SwiGLU MLP in every layer."""
+  table = _head(cfg, "model.embed_tokens.weight", "model.norm.weight")
+  for i in range(cfg.num_layers):
+    p, o = f"model.layers.{i}.", f"layer_{i}/"
+    table += [*_norms(p, o), *_gqa(cfg, p + "self_attn.", o + "gqa/"), *_swiglu(p + "mlp.", o + "mlp/")]
+  return table
+
+
 def granite_table(cfg: config_lib.ModelConfig, new_names: Callable[[str], bool] = lambda prefix: False) -> list[Entry]:
   """The Granite 4.0-H (granitemoehybrid) name table: Mamba2 or GQA mixers, then Granite's MoE (router, fused
   experts) plus its shared MLP, or the shared MLP alone as the dense FFN. `new_names(prefix)`: the MoE layer
   under `prefix` uses the names transformers 5 gives it in memory (router.weight, experts.gate_up_proj,
   experts.down_proj) rather than the checkpoints' (router.layer.weight, input_linear, output_linear)."""
-  H, K, Dh, D = cfg.num_heads, cfg.kv_heads, cfg.head_dim, cfg.hidden_size
   table = _head(cfg, "model.embed_tokens.weight", "model.norm.weight")
   for i in range(cfg.num_layers):
     p, o = f"model.layers.{i}.", f"layer_{i}/"
-    table += [
-      _same(p + "input_layernorm.weight", o + "mixer_norm/scale"),
-      _same(p + "post_attention_layernorm.weight", o + "ffn_norm/scale"),
-    ]
+    table += _norms(p, o)
     if cfg.mixer_kind(i) == "mamba2":
       table += _mamba2_mixer(cfg, p + "mamba.", o + "mamba2/", i)
     else:
-      a, g = p + "self_attn.", o + "gqa/"
-      table += [
-        _kernel(a + "q_proj.weight", g + "w_q/kernel", (D, H, Dh)),
-        _kernel(a + "k_proj.weight", g + "w_k/kernel", (D, K, Dh)),
-        _kernel(a + "v_proj.weight", g + "w_v/kernel", (D, K, Dh)),
-        _kernel(a + "o_proj.weight", g + "w_o/kernel", (H, Dh, D), n_in=2),
-      ]
+      table += _gqa(cfg, p + "self_attn.", o + "gqa/")
     s = p + "shared_mlp."
     if cfg.ffn_kind(i) == "mlp":
       table += [
@@ -785,6 +810,8 @@ def _check_granite_export(cfg: config_lib.ModelConfig) -> None:
     raise ConfigError("model.mamba_ffn", "granitemoehybrid gives every layer an FFN (or write all-Mamba2 as mamba2)")
   if cfg.head_dim != cfg.hidden_size // cfg.num_heads:
     raise ConfigError("model.head_dim", "granitemoehybrid's head width is hidden_size // num_heads")
+  if cfg.use_rope and "attention" in cfg.layer_kinds and cfg.rope_dim != cfg.head_dim:
+    raise ConfigError("model.rope_dim", "granitemoehybrid rotates the whole head (transformers ignores a partial one)")
   if not cfg.use_moe:
     return
   rules = (
@@ -824,6 +851,69 @@ def _granite_hf_config(cfg: config_lib.ModelConfig) -> dict:
     "mamba_conv_bias": True,
     "mamba_proj_bias": False,
     "torch_dtype": "float32",
+  }
+
+
+_LLAMA_KEYS = (
+  _Key("vocab_size", "vocab_size"),
+  _Key("hidden_size", "hidden_size"),
+  _Key("intermediate_size", "intermediate_size"),
+  _Key("num_hidden_layers", "num_layers"),
+  _Key("num_attention_heads", "num_heads"),
+  _Key("max_position_embeddings", "max_seq_len", 2048),
+  _Key("rms_norm_eps", "rms_norm_eps", 1e-6, float),
+  _Key("tie_word_embeddings", "tie_embeddings", False, bool),
+)
+
+
+def _check_llama(hf: dict) -> None:
+  for key, value in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False)):
+    if hf.get(key, value) != value:
+      _refuse(key, f"must be {value!r}, got {hf[key]!r}")
+  rope = hf.get("rope_parameters") or {}
+  if hf.get("rope_scaling") or rope.get("rope_type", "default") != "default":
+    _refuse("rope_parameters", "RoPE scaling (llama3, YaRN or any rope_type other than default) is not supported")
+  if rope.get("partial_rotary_factor", 1.0) != 1.0:
+    _refuse("partial_rotary_factor", "Llama rotates whole heads")
+
+
+def llama_config(hf: dict) -> ml_collections.ConfigDict:
+  """Our config for a transformers Llama config.json (after `_check_llama`)."""
+  c = config_lib.default_config()
+  m = c.model
+  _read_keys(hf, _LLAMA_KEYS, m)
+  m.name = _LLAMA
+  m.kv_heads = hf.get("num_key_value_heads") or m.num_heads
+  m.head_dim = 0 if hf.get("head_dim") in (None, m.hidden_size // m.num_heads) else hf["head_dim"]
+  m.rope_theta = float((hf.get("rope_parameters") or {}).get("rope_theta", hf.get("rope_theta", 10000.0)))
+  c.trainer.seq_len = min(c.trainer.seq_len, m.max_seq_len)
+  return c
+
+
+def _llama_can_hold(cfg: config_lib.ModelConfig) -> bool:
+  """Every layer GQA with RoPE over whole heads and a SwiGLU MLP, with the default scales."""
+  defaults = {k.name: k.default for k in config_lib.MODEL}
+  plain = all(getattr(cfg, k) == defaults[k] for k in ("embedding_multiplier", "residual_multiplier", "logits_scaling"))
+  return (
+    plain
+    and all(cfg.mixer_kind(i) == "gqa" and cfg.ffn_kind(i) == "mlp" for i in range(cfg.num_layers))
+    and cfg.use_rope
+    and cfg.rope_dim == cfg.head_dim
+    and cfg.attention_multiplier in (0.0, cfg.head_dim**-0.5)
+  )
+
+
+def _llama_hf_config(cfg: config_lib.ModelConfig) -> dict:
+  return {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": _LLAMA,
+    **_write_keys(cfg, _LLAMA_KEYS),
+    "num_key_value_heads": cfg.kv_heads,
+    "head_dim": cfg.head_dim,
+    "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+    "hidden_act": "silu",
+    "attention_bias": False,
+    "mlp_bias": False,
   }
 
 
@@ -868,7 +958,11 @@ def _open(path: str) -> _Source:
   if model_type not in _SUPPORTED:
     raise UserError(f"{config_path}: model_type {model_type!r} is not supported (supported: {', '.join(_SUPPORTED)})")
   mamba2 = model_type == "mamba2"
-  if model_type == _GRANITE:
+  if model_type == _LLAMA:
+    _require(hf, _LLAMA_KEYS, config_path)
+    _check_llama(hf)
+    config = llama_config(hf)
+  elif model_type == _GRANITE:
     _require(hf, _GRANITE_KEYS, config_path)
     _check_granite(hf)
     config = granite_config(hf)
@@ -883,7 +977,9 @@ def _open(path: str) -> _Source:
   config_lib.validate(config)
   cfg = config_lib.ModelConfig.from_config(config)
   t = Tensors(Folder(path), path)
-  if model_type == _GRANITE:
+  if model_type == _LLAMA:
+    table, skip = llama_table(cfg), ()
+  elif model_type == _GRANITE:
     table, skip = granite_table(cfg, new_names=lambda prefix: t.has(prefix + "experts.gate_up_proj")), ()
   elif mamba2:
     table, skip = mamba2_table(cfg), ()
@@ -964,13 +1060,16 @@ def load_sharded(path: str, mesh: jax.sharding.Mesh, rules: tuple | None = None,
 
 def to_hf(config, params, path: str, dtype="float32", max_shard_bytes: int = 5 * 10**9) -> None:
   """Writes config.json and the weights in `dtype` (float32 or bfloat16): deepseek_v2 for MLA models
-  (deepseek_v3 with the sigmoid router), mamba2 for Mamba2 ones. Above `max_shard_bytes` the weights are split
+  (deepseek_v3 with the sigmoid router), mamba2 for Mamba2 ones, llama for the GQA models it can hold,
+  granitemoehybrid for the other GQA and hybrid ones. Above `max_shard_bytes` the weights are split
   into model-0000k-of-0000n.safetensors files with model.safetensors.index.json (`safetensors_io.write_folder`)."""
   config_lib.validate(config)
   cfg = config_lib.ModelConfig.from_config(config)
   if all(kind == "mamba" for kind in cfg.layer_kinds) and not cfg.mamba_ffn:
     _check_plain(cfg, "mamba2")
     table, hf = mamba2_table(cfg), _mamba2_hf_config(cfg)
+  elif _llama_can_hold(cfg):
+    table, hf = llama_table(cfg), _llama_hf_config(cfg)
   elif not cfg.use_mla or "attention" not in cfg.layer_kinds:
     _check_granite_export(cfg)
     table, hf = granite_table(cfg), _granite_hf_config(cfg)

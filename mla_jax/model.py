@@ -16,7 +16,7 @@ from flax import linen as nn
 
 from mla_jax.config import ModelConfig
 from mla_jax.layers.attention import GQA
-from mla_jax.layers.common import Dense, RMSNorm, compute_dtype, param_role
+from mla_jax.layers.common import Dense, RMSNorm, compute_dtype, matmul, param_role
 from mla_jax.layers.mamba2 import Mamba2Mixer, mamba2_flops_per_token
 from mla_jax.layers.mla import MLA
 from mla_jax.layers.mlp import SwiGLU
@@ -193,7 +193,7 @@ class LanguageModel(nn.Module):
       x_BTD = nn.with_logical_constraint(x_BTD, ACTIVATION_AXES)
       return x_BTD, merge_moe_aux(layer_aux), (new_caches if caches is not None else None)
     if cfg.tie_embeddings:
-      logits_BTV = jnp.einsum("btd,vd->btv", x_BTD, embedding_VD.astype(dtype))
+      logits_BTV = matmul(x_BTD, embedding_VD.astype(dtype).T)
     else:
       logits_BTV = Dense(cfg.vocab_size, ("embed", "vocab"), dtype=dtype, name="lm_head")(x_BTD)
     logits_BTV = nn.with_logical_constraint(logits_BTV, ("batch", "activation_length", "activation_vocab"))

@@ -2,7 +2,8 @@
 
 Run with torch, transformers and safetensors installed (mla_jax itself is not needed):
 
-  python tests/make_hf_fixtures.py
+  python tests/make_hf_fixtures.py                 # every fixture, the folder written afresh
+  python tests/make_hf_fixtures.py NAME [NAME ...]  # only these (each keeps its seed: its place in FIXTURES)
 
 The stored fixtures were made with torch 2.14.1, transformers 5.24.0, safetensors 0.8.0 and numpy 2.4.6
 (versions.json records them). Each fixture is a folder `<name>/` with what `save_pretrained` writes (config.json
@@ -103,12 +104,27 @@ GRANITE = dict(
   mamba_expand=2,
   mamba_chunk_size=8,
 )
+# Llama: GQA with a head width other than hidden_size / heads.
+LLAMA = dict(
+  vocab_size=VOCAB,
+  hidden_size=32,
+  intermediate_size=48,
+  num_hidden_layers=2,
+  num_attention_heads=4,
+  num_key_value_heads=2,
+  head_dim=12,
+  max_position_embeddings=64,
+  rms_norm_eps=1e-5,
+  rope_parameters={"rope_type": "default", "rope_theta": 500.0},
+  tie_word_embeddings=False,
+)
 
 # name: (transformers config class, model class, config.json values, dtype of the saved weights)
 V2 = (transformers.DeepseekV2Config, transformers.DeepseekV2ForCausalLM)
 V3 = (transformers.DeepseekV3Config, transformers.DeepseekV3ForCausalLM)
 M2 = (transformers.Mamba2Config, transformers.Mamba2ForCausalLM)
 GR = (transformers.GraniteMoeHybridConfig, transformers.GraniteMoeHybridForCausalLM)
+LL = (transformers.LlamaConfig, transformers.LlamaForCausalLM)
 FIXTURES = {
   "deepseek_v2_moe_shared_q_latent": (*V2, V2_MOE, "float32"),
   "deepseek_v2_dense_no_q_latent_tied": (
@@ -151,6 +167,8 @@ FIXTURES = {
     "float32",
   ),
   "granitemoehybrid_dense_nope_bf16": (*GR, dict(GRANITE, num_local_experts=0, tie_word_embeddings=False), "bfloat16"),
+  "llama_gqa_head_dim_12": (*LL, LLAMA, "float32"),
+  "llama_gqa_head_dim_12_bf16": (*LL, LLAMA, "bfloat16"),
 }
 
 
@@ -211,12 +229,18 @@ def make(name, config_cls, model_cls, values, dtype, seed):
   print(f"{name:46s} {dtype:8s} {size / 1024:6.0f} KiB  |logits| max {np.abs(logits).max():5.2f}  margin {margin:.3f}")
 
 
-def main():
+def main(names):
+  unknown = sorted(set(names) - set(FIXTURES))
+  if unknown:
+    sys.exit(f"no fixture named {', '.join(unknown)} (known: {', '.join(FIXTURES)})")
   transformers.utils.logging.disable_progress_bar()
-  shutil.rmtree(OUT, ignore_errors=True)
-  os.makedirs(OUT)
+  if not names:
+    shutil.rmtree(OUT, ignore_errors=True)
+  os.makedirs(OUT, exist_ok=True)
   for seed, (name, spec) in enumerate(FIXTURES.items()):
-    make(name, *spec, seed=seed)
+    if not names or name in names:
+      shutil.rmtree(os.path.join(OUT, name), ignore_errors=True)
+      make(name, *spec, seed=seed)
   versions = {m.__name__: m.__version__ for m in (torch, transformers, safetensors, np)}
   with open(os.path.join(OUT, "versions.json"), "w") as f:
     json.dump(versions, f, indent=2)
@@ -225,4 +249,4 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  main(sys.argv[1:])

@@ -502,8 +502,8 @@ def test_unreadable_or_foreign_config_json_is_refused(tmp_path):
   (tmp_path / "config.json").write_text("{")
   with pytest.raises(DataError, match="config.json: not readable JSON"):
     convert.from_hf(str(tmp_path))
-  (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
-  with pytest.raises(UserError, match="model_type 'llama' is not supported"):
+  (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+  with pytest.raises(UserError, match="model_type 'gpt2' is not supported"):
     convert.from_hf(str(tmp_path))
 
 

@@ -88,7 +88,7 @@ def test_cached_decode_equals_full_forward(kind, mla_decode, overrides):
       assert c.decode == mla_decode and c.c_kv.shape == (B, S, cfg.kv_latent_dim)
       assert float(jnp.abs(c.c_kv[:, T:]).max()) == 0.0 and bool(jnp.all(jnp.any(c.c_kv[:, :T] != 0, axis=-1)))
     elif kind_i == "gqa":
-      assert c.k.shape == (B, S, cfg.kv_heads, cfg.head_dim) and float(jnp.abs(c.v[:, T:]).max()) == 0.0
+      assert c.k.shape == (B, cfg.kv_heads, S, cfg.head_dim) and float(jnp.abs(c.v[:, :, T:]).max()) == 0.0
 
 
 def test_cache_write_puts_each_row_at_its_positions_and_refuses_overflow():

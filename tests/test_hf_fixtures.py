@@ -22,8 +22,8 @@ ATOL = RTOL = 1e-4
 
 
 def test_every_family_has_float32_and_bfloat16_fixtures():
-  assert len(FIXTURES) >= 8
-  for family in ("deepseek_v2", "deepseek_v3", "mamba2", "granitemoehybrid"):
+  assert len(FIXTURES) >= 12
+  for family in ("deepseek_v2", "deepseek_v3", "mamba2", "granitemoehybrid", "llama"):
     assert any(f.startswith(family) and not f.endswith("bf16") for f in FIXTURES), family
     assert any(f.startswith(family) and f.endswith("bf16") for f in FIXTURES), family
 

@@ -200,7 +200,7 @@ def test_sharded_decode_caches_match_one_device(check):
   hybrid = check["decode"]["hybrid"]["specs"]
   assert sum("'tensor'" in spec for spec in hybrid) == 1  # the Mamba2 SSM state; MLA's latent is whole
   # One sequence cannot split over 4 batch devices: that dimension stays whole, the heads still split.
-  assert check["decode"]["gqa"]["batch1_specs"][0] == "P(None, None, 'tensor', None)"
+  assert check["decode"]["gqa"]["batch1_specs"][0] == "P(None, 'tensor', None, None)"
 
 
 def test_two_processes_train_like_one(runs):

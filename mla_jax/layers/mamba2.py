@@ -22,7 +22,7 @@ from mla_jax.config import ModelConfig
 from mla_jax.layers.common import Dense, compute_dtype, residual_scale
 from mla_jax.ops.conv import causal_conv
 from mla_jax.ops.norm import gated_rms_norm
-from mla_jax.ops.ssd import ssd_chunked, ssd_sequential, ssd_step
+from mla_jax.ops.ssd import ssd_chunked, ssd_decode_step, ssd_sequential
 
 _SSD_IMPLS = {"chunked": ssd_chunked, "sequential": ssd_sequential}
 
@@ -140,7 +140,7 @@ class Mamba2Mixer(nn.Module):
       if segment_ids_BT is not None:
         raise ValueError("segment ids are for packed rows without a cache (a cache holds one document per row)")
       if t == 1:
-        y_BHP, ssm_BHPN = ssd_step(x_BTHP[:, 0], dt_BTH[:, 0], A_H, B_BTGN[:, 0], C_BTGN[:, 0], cache.ssm)
+        y_BHP, ssm_BHPN = ssd_decode_step(x_BTHP[:, 0], dt_BTH[:, 0], A_H, B_BTGN[:, 0], C_BTGN[:, 0], cache.ssm)
         y_BTHP = y_BHP[:, None]
       else:
         y_BTHP, ssm_BHPN = ssd(x_BTHP, dt_BTH, A_H, B_BTGN, C_BTGN, cfg.mamba2_chunk_size, cache.ssm)

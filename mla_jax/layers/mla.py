@@ -12,7 +12,9 @@ With a cache (`mla_jax.cache.MLACache`) the new c_kv and k_rope are written at t
 queries attend over the whole cache. A call with T > 1 (prefill) rebuilds K and V from the cached latent
 (the expanded form). A one-token step (decode) with `cache.decode == "absorbed"` uses weight absorption
 (section 2.1.2): q_nope^T (W_UK c_kv) = (W_UK^T q_nope)^T c_kv, so W_UK folds into the query and W_UV into
-the output, and attention runs over the latent directly; `"expanded"` keeps the rebuilt-K/V reference.
+the output, and attention runs over the latent directly (`ops.latent_attention.latent_attention_step`:
+it reads the cache before the token's write, which follows in place); `"expanded"` keeps the rebuilt-K/V
+reference.
 Packed rows (no cache) pass `segment_ids_BT` to the expanded form: each token attends only within its own
 document (ops.attention).
 """
@@ -29,7 +31,7 @@ from mla_jax.config import ModelConfig
 from mla_jax.layers.common import Dense, RMSNorm, attention_scale, compute_dtype, residual_scale
 from mla_jax.layers.rope import apply_rope
 from mla_jax.ops.attention import attention
-from mla_jax.ops.latent_attention import latent_attention
+from mla_jax.ops.latent_attention import latent_attention_step
 
 
 class MLA(nn.Module):
@@ -93,16 +95,25 @@ class MLA(nn.Module):
     q_nope_BTHD, q_rope_BTHR = self.project_query(x_BTD, positions_BT)
     c_kv_BTC, k_rope_BTR = self.project_latent(x_BTD, positions_BT)
     new_cache = None
+    if cache is not None and T == 1 and cache.decode == "absorbed" and not self.is_initializing():
+      o_BHE = self.absorbed_step(
+        q_nope_BTHD[:, 0], q_rope_BTHR[:, 0], cache, c_kv_BTC[:, 0], k_rope_BTR[:, 0], positions_BT
+      )
+      chex.assert_shape(o_BHE, (B, H, Dv))
+      # the writes follow the reads of the old cache (`after`), in place
+      c_kv_BSC = cache_lib.write(cache.c_kv, c_kv_BTC, positions_BT, after=o_BHE)
+      k_rope_BSR = cache_lib.write(cache.k_rope, k_rope_BTR, positions_BT, after=o_BHE)
+      new_cache = cache.replace(
+        c_kv=nn.with_logical_constraint(c_kv_BSC, cache.AXES["c_kv"]),
+        k_rope=nn.with_logical_constraint(k_rope_BSR, cache.AXES["k_rope"]),
+      )
+      return self.w_o(o_BHE[:, None]), new_cache
     if cache is not None:
       c_kv_BSC = nn.with_logical_constraint(cache_lib.write(cache.c_kv, c_kv_BTC, positions_BT), cache.AXES["c_kv"])
       k_rope_BSR = nn.with_logical_constraint(
         cache_lib.write(cache.k_rope, k_rope_BTR, positions_BT), cache.AXES["k_rope"]
       )
       new_cache = cache.replace(c_kv=c_kv_BSC, k_rope=k_rope_BSR)
-      if T == 1 and cache.decode == "absorbed" and not self.is_initializing():
-        o_BTHE = self.absorbed_attention(q_nope_BTHD, q_rope_BTHR, c_kv_BSC, k_rope_BSR, positions_BT)
-        chex.assert_shape(o_BTHE, (B, T, H, Dv))
-        return self.w_o(o_BTHE), new_cache
       c_kv_BSC, k_rope_BSR = c_kv_BSC.astype(c_kv_BTC.dtype), k_rope_BSR.astype(k_rope_BTR.dtype)
     else:
       c_kv_BSC, k_rope_BSR = c_kv_BTC, k_rope_BTR  # without a cache the keys are this call's tokens
@@ -125,21 +136,24 @@ class MLA(nn.Module):
     chex.assert_shape(o_BTHE, (B, T, H, Dv))
     return self.w_o(o_BTHE), new_cache
 
-  def absorbed_attention(self, q_nope_BTHD, q_rope_BTHR, c_kv_BSC, k_rope_BSR, positions_BT) -> jax.Array:
-    """`ops.latent_attention` with this layer's W_UK and W_UV: attention over the latent cache, no per-head
-    key or value formed (DeepSeek-V2 section 2.1.2)."""
+  def absorbed_step(self, q_nope_BHD, q_rope_BHR, cache, c_kv_BC, k_rope_BR, positions_BT) -> jax.Array:
+    """`ops.latent_attention.latent_attention_step` with this layer's W_UK and W_UV: one token's attention
+    over the latent cache before its write plus the token itself, no per-head key or value formed
+    (DeepSeek-V2 section 2.1.2); [B, H, v_head_dim]."""
     cfg = self.cfg
     w_uk_CHD = self.w_uk.variables["params"]["kernel"]
     w_uv_CHE = self.w_uv.variables["params"]["kernel"]
     chex.assert_shape(w_uk_CHD, (cfg.kv_latent_dim, cfg.num_heads, cfg.head_dim))
-    return latent_attention(
-      q_nope_BTHD,
-      q_rope_BTHR,
-      c_kv_BSC,
-      k_rope_BSR,
+    return latent_attention_step(
+      q_nope_BHD,
+      q_rope_BHR,
+      cache.c_kv,
+      cache.k_rope,
+      c_kv_BC,
+      k_rope_BR,
       w_uk_CHD,
       w_uv_CHE,
-      positions_BT,
+      positions_BT[:, 0],
       scale=attention_scale(cfg, cfg.head_dim + cfg.d_rope),
       dtype=compute_dtype(cfg.dtype),
     )

@@ -11,9 +11,19 @@ def rope_frequencies(dim: int, theta: float) -> jax.Array:
   return 1.0 / (theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
 
 
-def apply_rope(x_BTHD: jax.Array, positions_BT: jax.Array, theta: float) -> jax.Array:
-  """Rotates the pairs (x_i, x_{i+D/2}) of each head by angle position * inv_freq_i (float32 math)."""
+def apply_rope(x_BTHD: jax.Array, positions_BT: jax.Array, theta: float, rope_dim: int = 0) -> jax.Array:
+  """Rotates the pairs (x_i, x_{i+R/2}) of each head by angle position * inv_freq_i (float32 math), R = rope_dim.
+
+  rope_dim 0 (or D) rotates the whole head; 0 < rope_dim < D rotates x[..., :rope_dim] as a head of that width
+  and passes the other D - rope_dim dims through unchanged (GPT-NeoX / transformers' partial_rotary_factor).
+  """
   dim = x_BTHD.shape[-1]
+  rope_dim = rope_dim or dim
+  if rope_dim > dim or rope_dim % 2:
+    raise ValueError(f"rope_dim must be even and at most the head width {dim}, got {rope_dim}")
+  if rope_dim < dim:
+    rotated = apply_rope(x_BTHD[..., :rope_dim], positions_BT, theta)
+    return jnp.concatenate([rotated, x_BTHD[..., rope_dim:]], axis=-1)
   angles_BTF = positions_BT[..., None].astype(jnp.float32) * rope_frequencies(dim, theta)
   cos_BT1F = jnp.cos(angles_BTF)[:, :, None, :]
   sin_BT1F = jnp.sin(angles_BTF)[:, :, None, :]

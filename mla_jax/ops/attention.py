@@ -9,6 +9,11 @@ that is the position mask whenever the keys are the call's own tokens (S == T), 
 does at positions 0..T-1 (training, evaluation, uncached forward; a cache of T slots filled from
 position 0). With a cache (S != T) it falls back to the exact chunked form.
 
+`attention_step` is the one-token decode step over a cache laid out [B, K, S, D] (mla_jax.cache.KVCache):
+the reference's attention over the cache as it was before the token's write plus the token's own key and
+value, so that the write can follow the reads in place. Its slow twin is the reference over the written
+cache.
+
 Packed rows (several documents per row) pass `segment_ids_BT` [B, T], one id per token, keys being the
 call's own tokens (S == T; a cache holds one document per row, so cached calls take none). Positions then
 restart at each document (they feed RoPE), so the mask is by slot: key s is visible from query t iff
@@ -76,6 +81,38 @@ def attention_reference(q_BTHD, k_BSKD, v_BSKE, q_positions_BT, scale: float, se
     _check_segments(segment_ids_BT, q_BTHD, k_BSKD.shape[1])
   mask_BTS = attention_mask(q_positions_BT, k_BSKD.shape[1], segment_ids_BT)
   return _masked_attention(q_BTHD, k_BSKD, v_BSKE, mask_BTS, scale)
+
+
+def attention_step(q_BHD, k_BKSD, v_BKSE, k_BKD, v_BKE, positions_B, *, scale: float, dtype=jnp.float32) -> jax.Array:
+  """One query token per row (at positions_B, with its own key k_BKD and value v_BKE) over the cache
+  before the token's write: the reference over the cache with the token written at slot `position`
+  (slots s < position from the cache; a position outside the cache, whose write is dropped, leaves the
+  token out). Matmuls in `dtype` with float32 accumulation, softmax in float32; [B, H, E].
+
+  Each head's keys and values are one [S, D] block of the cache, read as stored: the keys as the left
+  operand of their matmul (slots as rows), the values as the right one. The (small) scores are turned
+  slots-last for the softmax.
+  """
+  B, H, D = q_BHD.shape
+  K, S = k_BKSD.shape[1], k_BKSD.shape[2]
+  f32 = jnp.float32
+  q_BKGD = q_BHD.reshape(B, K, H // K, D).astype(dtype)
+  k_BKSD, v_BKSE = k_BKSD.astype(dtype), v_BKSE.astype(dtype)
+  s_BKGS = jnp.einsum("bksd,bkgd->bksg", k_BKSD, q_BKGD, preferred_element_type=f32).swapaxes(2, 3)
+  s_new_BKG = jnp.einsum("bkd,bkgd->bkg", k_BKD.astype(dtype), q_BKGD, preferred_element_type=f32)
+  before_B11S = (jnp.arange(S)[None, :] < positions_B[:, None])[:, None, None, :]
+  written_B11 = ((positions_B >= 0) & (positions_B < S))[:, None, None]
+  s_BKGS = jnp.where(before_B11S, s_BKGS * scale, _NEG_INF)
+  s_new_BKG = jnp.where(written_B11, s_new_BKG * scale, _NEG_INF)
+  m_BKG = jnp.maximum(jnp.max(s_BKGS, axis=-1), s_new_BKG)  # softmax over the S slots and the new token
+  e_BKGS = jnp.exp(s_BKGS - m_BKG[..., None])
+  e_new_BKG = jnp.where(written_B11, jnp.exp(s_new_BKG - m_BKG), 0.0)
+  inv_BKG = 1.0 / (jnp.sum(e_BKGS, axis=-1) + e_new_BKG)
+  p_BKGS = (e_BKGS * inv_BKG[..., None]).astype(dtype)
+  p_new_BKG = (e_new_BKG * inv_BKG).astype(dtype)
+  o_BKGE = jnp.einsum("bkgs,bkse->bkge", p_BKGS, v_BKSE, preferred_element_type=f32)
+  o_BKGE = o_BKGE + p_new_BKG.astype(f32)[..., None] * v_BKE.astype(dtype).astype(f32)[:, :, None]
+  return o_BKGE.reshape(B, H, -1).astype(dtype)
 
 
 def attention_xla(

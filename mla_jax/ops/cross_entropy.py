@@ -23,7 +23,8 @@ LOGITS_AXES = ("batch", "activation_length", "activation_vocab")
 
 def head_logits(hidden_BTD: jax.Array, head_DV: jax.Array) -> jax.Array:
   """hidden @ head in the hidden states' dtype (the LM head's math), float32 result."""
-  logits_BTV = jax.lax.dot_general(hidden_BTD, head_DV.astype(hidden_BTD.dtype), (((2,), (0,)), ((), ())))
+  B, T, D = hidden_BTD.shape
+  logits_BTV = jnp.dot(hidden_BTD.reshape(B * T, D), head_DV.astype(hidden_BTD.dtype)).reshape(B, T, -1)
   return nn.with_logical_constraint(logits_BTV, LOGITS_AXES).astype(jnp.float32)
 
 

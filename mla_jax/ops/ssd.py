@@ -8,10 +8,11 @@ which is the paper's eq. (1a, 1b) with the mamba_ssm discretisation A_t = exp(dt
 and B_t <- dt_t B_t (Euler).
 
 `ssd_chunked` is the four-step block decomposition of the paper's Listing 1 (`ssd_minimal_discrete`),
-`ssd_sequential` the token-by-token recurrence it must agree with, `ssd_step` one decode step. Inputs x
-are NOT pre-multiplied by dt; every function forms dt*x and dt*A itself. B and C come in G groups shared
-by H/G heads each: head h reads group h // (H/G). The skip term D*x is not part of these ops: the Mamba2
-layer adds it. All decay, cumsum and exp math (and the state) is float32; y comes back in x's dtype.
+`ssd_sequential` the token-by-token recurrence it must agree with, `ssd_step` one decode step and
+`ssd_decode_step` its twin for a donated state (updated in place). Inputs x are NOT pre-multiplied by
+dt; every function forms dt*x and dt*A itself. B and C come in G groups shared by H/G heads each: head h
+reads group h // (H/G). The skip term D*x is not part of these ops: the Mamba2 layer adds it. All decay,
+cumsum and exp math (and the state) is float32; y comes back in x's dtype.
 
 Packed rows (several documents per row) pass `seq_idx_BT` [B, T], a document id per token (mamba_ssm's
 `seq_idx`; non-decreasing along the row). The state resets to zero wherever the id changes from one
@@ -185,6 +186,34 @@ def ssd_step(
   state_BGRPN = decay_BGR[..., None, None] * state_BGRPN + jnp.einsum("bgrp,bgn->bgrpn", x_BGRP, B_BGN)
   y_BGRP = jnp.einsum("bgrpn,bgn->bgrp", state_BGRPN, C_BGN)
   return y_BGRP.reshape(b, h, p).astype(x_BHP.dtype), state_BGRPN.reshape(b, h, p, n)
+
+
+def ssd_decode_step(
+  x_BHP: jax.Array, dt_BH: jax.Array, A_H: jax.Array, B_BGN: jax.Array, C_BGN: jax.Array, state_BHPN: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+  """`ssd_step` for a decode step whose state buffer is donated: y from the state before the update,
+
+    y = H' C = exp(dt A) (H C) + (dt x) (B . C),
+
+  then the update H', elementwise in the state's own shape and made to depend on y, so that XLA reads
+  the old state first and updates it in place (`ssd_step`'s y, a matmul over the new state, makes
+  XLA:CPU copy the state at every step).
+  """
+  h, dtype = x_BHP.shape[1], x_BHP.dtype
+  r = h // B_BGN.shape[1]
+  dt_BH = dt_BH.astype(_F32)
+  decay_BH = jnp.exp(dt_BH * A_H.astype(_F32))
+  x_BHP = x_BHP.astype(_F32) * dt_BH[..., None]
+  B_BHN, C_BHN = jnp.repeat(B_BGN.astype(_F32), r, axis=1), jnp.repeat(C_BGN.astype(_F32), r, axis=1)
+  state_BHPN = state_BHPN.astype(_F32)
+  y_BHP = decay_BH[..., None] * jnp.einsum("bhpn,bhn->bhp", state_BHPN, C_BHN)
+  y_BHP = y_BHP + x_BHP * jnp.sum(B_BHN * C_BHN, -1)[..., None]
+  # x != x is false for every number but XLA does not fold it; exp(dt A) >= 0 > -1 - flag, so the max
+  # keeps the decay and makes the update depend on y.
+  nan_B1 = y_BHP[:, :1, 0]
+  decay_BH = jnp.maximum(decay_BH, -1.0 - (nan_B1 != nan_B1).astype(_F32))
+  state_BHPN = decay_BH[..., None, None] * state_BHPN + x_BHP[..., None] * B_BHN[:, :, None, :]
+  return y_BHP.astype(dtype), state_BHPN
 
 
 def ssd_sequential(
