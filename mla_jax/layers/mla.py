@@ -12,9 +12,10 @@ With a cache (`mla_jax.cache.MLACache`) the new c_kv and k_rope are written at t
 queries attend over the whole cache. A call with T > 1 (prefill) rebuilds K and V from the cached latent
 (the expanded form). A one-token step (decode) with `cache.decode == "absorbed"` uses weight absorption
 (section 2.1.2): q_nope^T (W_UK c_kv) = (W_UK^T q_nope)^T c_kv, so W_UK folds into the query and W_UV into
-the output, and attention runs over the latent directly (`ops.latent_attention.latent_attention_step`:
-it reads the cache before the token's write, which follows in place); `"expanded"` keeps the rebuilt-K/V
-reference.
+the output, and attention runs over the latent directly; `"expanded"` keeps the rebuilt-K/V reference. At
+batch 1 the step is `ops.latent_attention.latent_attention_step` (it reads the cache before the token's
+write, which follows in place: XLA:CPU copies the cache when a batch-1 dot reads it after the write);
+larger batches run `ops.latent_attention.latent_attention` over the written cache, which XLA leaves in place.
 Packed rows (no cache) pass `segment_ids_BT` to the expanded form: each token attends only within its own
 document (ops.attention).
 """
@@ -31,7 +32,7 @@ from mla_jax.config import ModelConfig
 from mla_jax.layers.common import Dense, RMSNorm, attention_scale, compute_dtype, residual_scale
 from mla_jax.layers.rope import apply_rope
 from mla_jax.ops.attention import attention
-from mla_jax.ops.latent_attention import latent_attention_step
+from mla_jax.ops.latent_attention import latent_attention, latent_attention_step
 
 
 class MLA(nn.Module):
@@ -95,7 +96,8 @@ class MLA(nn.Module):
     q_nope_BTHD, q_rope_BTHR = self.project_query(x_BTD, positions_BT)
     c_kv_BTC, k_rope_BTR = self.project_latent(x_BTD, positions_BT)
     new_cache = None
-    if cache is not None and T == 1 and cache.decode == "absorbed" and not self.is_initializing():
+    absorbed = cache is not None and T == 1 and cache.decode == "absorbed" and not self.is_initializing()
+    if absorbed and B == 1:
       o_BHE = self.absorbed_step(
         q_nope_BTHD[:, 0], q_rope_BTHR[:, 0], cache, c_kv_BTC[:, 0], k_rope_BTR[:, 0], positions_BT
       )
@@ -114,6 +116,20 @@ class MLA(nn.Module):
         cache_lib.write(cache.k_rope, k_rope_BTR, positions_BT), cache.AXES["k_rope"]
       )
       new_cache = cache.replace(c_kv=c_kv_BSC, k_rope=k_rope_BSR)
+      if absorbed:  # batch > 1: the batched dot reads the written cache without copying it
+        o_BTHE = latent_attention(
+          q_nope_BTHD,
+          q_rope_BTHR,
+          c_kv_BSC,
+          k_rope_BSR,
+          self.w_uk.variables["params"]["kernel"],
+          self.w_uv.variables["params"]["kernel"],
+          positions_BT,
+          scale=attention_scale(cfg, cfg.head_dim + cfg.d_rope),
+          dtype=compute_dtype(cfg.dtype),
+        )
+        chex.assert_shape(o_BTHE, (B, T, H, Dv))
+        return self.w_o(o_BTHE), new_cache
       c_kv_BSC, k_rope_BSR = c_kv_BSC.astype(c_kv_BTC.dtype), k_rope_BSR.astype(k_rope_BTR.dtype)
     else:
       c_kv_BSC, k_rope_BSR = c_kv_BTC, k_rope_BTR  # without a cache the keys are this call's tokens
