@@ -165,19 +165,7 @@ SEED_MLA = dict(
 SEED_MLA_MOE = dict(
   SEED_MLA, first_k_dense_replace=1, n_group=1, topk_group=1, norm_topk_prob=True, routed_scaling_factor=2.5
 )
-SEED_MAMBA2 = dict(
-  vocab_size=SEED_VOCAB,
-  hidden_size=512,
-  num_hidden_layers=8,
-  num_heads=16,
-  head_dim=64,
-  state_size=64,
-  n_groups=1,
-  conv_kernel=4,
-  expand=2,
-  chunk_size=64,
-  tie_word_embeddings=False,
-)
+SEED_MAMBA2 = dict(MAMBA2, vocab_size=SEED_VOCAB, hidden_size=512, num_hidden_layers=8, num_heads=16)
 SEED_GQA = dict(
   vocab_size=SEED_VOCAB,
   hidden_size=512,

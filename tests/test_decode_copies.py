@@ -59,6 +59,17 @@ def _random(key, shape, scale=1.0):
 ROW_POSITIONS = [[0, 7], [12, 12], [3, 12], [-1, 15]]
 
 
+def _assert_agree(fast, slow, args, shape):
+  """fast(*args, positions) == slow(*args, positions) in float32 at every row of ROW_POSITIONS."""
+  for positions in ROW_POSITIONS:
+    pos_B = jnp.asarray(positions, jnp.int32)
+    expected = slow(*args, pos_B)
+    got = fast(*args, pos_B)
+    assert got.shape == shape
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    assert float(jnp.std(expected)) > 1e-2
+
+
 def _written(cache, new_B, pos_B, axis=1):
   return cache_lib.write(cache, new_B[:, None], pos_B[:, None], axis=axis)
 
@@ -86,13 +97,7 @@ def test_latent_attention_step_equals_latent_attention_over_the_written_cache(he
     return o_B1HE[:, 0]
 
   fast = jax.jit(functools.partial(latent_ops.latent_attention_step, scale=scale))
-  for positions in ROW_POSITIONS:
-    pos_B = jnp.asarray(positions, jnp.int32)
-    expected = slow(*args, pos_B)
-    got = fast(*args, pos_B)
-    assert got.shape == (B, heads, E)
-    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
-    assert float(jnp.std(expected)) > 1e-2
+  _assert_agree(fast, slow, args, (B, heads, E))
 
 
 @pytest.mark.parametrize("K", [1, 2, 4])
@@ -111,13 +116,7 @@ def test_attention_step_equals_the_reference_over_the_written_cache(K):
     return attention_reference(q_BHD[:, None], k_BSKD, v_BSKE, pos_B[:, None], 0.3)[:, 0]
 
   fast = jax.jit(functools.partial(attention_step, scale=0.3))
-  for positions in ROW_POSITIONS:
-    pos_B = jnp.asarray(positions, jnp.int32)
-    expected = slow(*args, pos_B)
-    got = fast(*args, pos_B)
-    assert got.shape == (B, H, E)
-    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
-    assert float(jnp.std(expected)) > 1e-2
+  _assert_agree(fast, slow, args, (B, H, E))
 
 
 def test_ssd_decode_step_equals_ssd_step():
