@@ -7,11 +7,11 @@ over several seeds, with 95% intervals and differences against MHA paired by see
   python -m benchmarks.latent_study --variants mha,mla192 --seeds 5 --workdir runs/latent   # a subset, kept
 
 Default cost (--preset cpu: 33 trainings of 128 steps x 8 x 256 tokens, each followed by the 1M-token
-evaluation), measured on this 2-core machine while other work shared it: one run end to end (MHA, first
-seed, compilation included) took 215 CPU-s (4.4 min of wall time at a load average of 2-5), about half of it
-the evaluation; 33 runs are ~120 CPU-minutes, about 65-80 min of wall time on 2 quiet cores, 2-3 h while
-the machine is shared. --val_tokens and --steps trade it. --preset gpu (33 runs of 1000 steps x 32 x 512 tokens,
-16.4M tokens each, a 34M-parameter model) was not measured here; the study prints and records its wall time.
+evaluation): the committed run took 79.8 min of wall time on this 2-core machine (145 s a training plus
+evaluation, about 60 s of it training; load average 0.5-2 from light work beside it), under the 2 hours
+the study is sized for; a machine busy with other work stretches it to 2-3 h. --val_tokens and --steps
+trade it. --preset gpu (33 runs of 1000 steps x 32 x 512 tokens, 16.4M tokens each, a 34M-parameter model)
+was not measured here; the study prints and records its wall time.
 
 Every variant has 8 heads of head_dim 64, the same SwiGLU MLP, embeddings and depth; only the attention
 changes (the list is VARIANTS, in that order):

@@ -17,7 +17,8 @@ process is pinned to that many CPUs; XLA's CPU client uses every CPU the process
   transformers runs eager PyTorch with the same loss (mean next-token cross-entropy).
 - Decode: greedy generation of --new_tokens after a --prompt_len prompt, with each side's KV / SSM cache;
   tokens/s counts the tokens after the first (the prefill is timed apart). mla_jax: `mla_jax.decode.Decoder`
-  (absorbed MLA decode, compiled before timing); transformers: `model.generate(do_sample=False)`.
+  (absorbed MLA decode, compiled before timing; up to 64 tokens per jitted call, the default of
+  `generate` when nothing streams); transformers: `model.generate(do_sample=False)`.
 
 `--size tiny` (the default): four ~2-6M-parameter models (DeepSeek-V2/V3 with MoE, Mamba2, a Granite 4.0-H
 hybrid), vocabulary 320, training at 8 x 256, decode at batch 1 and 8 after a 32-token prompt, every core.

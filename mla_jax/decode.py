@@ -2,9 +2,11 @@
 (`TextStream`), and generation from a training workdir (`generate_text`).
 
 The prompt is prefilled in one call (jitted once per prompt shape); then a jitted single-token step with
-fixed shapes (token [B, 1], scalar position, caches preallocated to the final length and donated) runs once
-per new token. It compiles once before the loop and is reused for every token, so tokens stream as they
-are sampled. Temperature 0 or top_k 1 is greedy and deterministic; sampling is deterministic per seed.
+fixed shapes (token [B, 1], scalar position, caches preallocated to the final length and donated) produces
+each new token. `Decoder.step` runs it once per call; `Decoder.steps` runs it in an on-device loop, up to
+`tokens_per_call` tokens per call (stopping early once every row has produced eos), which saves the
+per-call dispatch. Both compile once before the loop and give the same tokens; streamed text arrives once
+per call. Temperature 0 or top_k 1 is greedy and deterministic; sampling is deterministic per seed.
 """
 
 from __future__ import annotations
@@ -27,6 +29,9 @@ from mla_jax.sampling import sample_logits
 from mla_jax.train_program import resolve_model_config
 from mla_jax.workdir import load
 
+STREAM_TOKENS_PER_CALL = 8  # streamed text arrives in bursts of at most this many tokens
+BATCH_TOKENS_PER_CALL = 64
+
 
 class Decoder:
   """Jitted prefill and single-token decode step for one model, sampling settings and batch size."""
@@ -38,8 +43,13 @@ class Decoder:
     top_k: int = 0,
     top_p: float = 1.0,
     mla_decode: str = "absorbed",
+    tokens_per_call: int = 0,
   ):
-    self.cfg, self.mla_decode = cfg, mla_decode
+    """tokens_per_call: new tokens per jitted call; 0 picks STREAM_TOKENS_PER_CALL when `generate` streams
+    (on_token) and BATCH_TOKENS_PER_CALL when it does not; 1 is one call per token."""
+    if tokens_per_call < 0:
+      raise UserError(f"tokens_per_call must be >= 0 (0: automatic), got {tokens_per_call}")
+    self.cfg, self.mla_decode, self.tokens_per_call = cfg, mla_decode, tokens_per_call
     model = LanguageModel(cfg)
     sample = lambda logits_BV, rng: sample_logits(logits_BV, rng, temperature, top_k, top_p)
 
@@ -55,18 +65,41 @@ class Decoder:
       logits_B1V, _, caches = model.apply(variables, token_B[:, None], positions_B1, caches)
       return sample(logits_B1V[:, 0], jax.random.fold_in(rng, position)), caches
 
+    def steps(variables, token_B, position, count, caches, rng, eos_id, finished_B, *, n):
+      """Up to `count` <= n steps from `position`, stopping after the step where every row has produced
+      eos_id (-1: never; `finished_B`: the rows that already have): (tokens [n, B] (the first `done` rows
+      valid), done, caches)."""
+
+      def unfinished(carry):
+        i, _, _, _, finished_B = carry
+        return (i < count) & ~jnp.all(finished_B)
+
+      def body(carry):
+        i, token_B, caches, tokens_NB, finished_B = carry
+        token_B, caches = step(variables, token_B, position + i, caches, rng)
+        return i + 1, token_B, caches, tokens_NB.at[i].set(token_B), finished_B | (token_B == eos_id)
+
+      tokens_NB = jnp.zeros((n,) + token_B.shape, jnp.int32)
+      init = (jnp.int32(0), token_B, caches, tokens_NB, finished_B)
+      done, _, caches, tokens_NB, _ = jax.lax.while_loop(unfinished, body, init)
+      return tokens_NB, done, caches
+
     self.prefill = jax.jit(prefill, donate_argnums=(2,))
     self.step = jax.jit(step, donate_argnums=(3,))
+    self.steps = jax.jit(steps, donate_argnums=(4,), static_argnames=("n",))
 
-  def compile(self, variables, batch: int, prompt_len: int, max_len: int, rng):
-    """Compiles the prefill for this prompt length and the step for this cache length (no execution)."""
+  def compile(self, variables, batch: int, prompt_len: int, max_len: int, rng, tokens_per_call: int = 1):
+    """Compiles the prefill for this prompt length and the decode for this cache length (no execution):
+    `step` (one token per call) when tokens_per_call is 1, else `steps` with room for that many tokens."""
     caches = jax.eval_shape(lambda: cache_lib.init_caches(self.cfg, batch, max_len, mla_decode=self.mla_decode))
     tokens = jax.ShapeDtypeStruct((batch, prompt_len), jnp.int32)
+    token, scalar = jax.ShapeDtypeStruct((batch,), jnp.int32), jax.ShapeDtypeStruct((), jnp.int32)
     prefill = self.prefill.lower(variables, tokens, caches, rng).compile()
-    step = self.step.lower(
-      variables, jax.ShapeDtypeStruct((batch,), jnp.int32), jax.ShapeDtypeStruct((), jnp.int32), caches, rng
-    ).compile()
-    return prefill, step
+    if tokens_per_call == 1:
+      return prefill, self.step.lower(variables, token, scalar, caches, rng).compile()
+    finished = jax.ShapeDtypeStruct((batch,), jnp.bool_)
+    steps = self.steps.lower(variables, token, scalar, scalar, caches, rng, scalar, finished, n=tokens_per_call)
+    return prefill, steps.compile()
 
   def generate(
     self,
@@ -79,7 +112,8 @@ class Decoder:
     eos_id: int | None = None,
     on_token: Callable[[np.ndarray], None] | None = None,
   ):
-    """Returns (new tokens [batch, n] int32, stats). `on_token` receives each step's tokens [batch].
+    """Returns (new tokens [batch, n] int32, stats). `on_token` receives each step's tokens [batch], as
+    each call returns them.
 
     The caches hold len(prompt) + max_new_tokens slots (at most max_len). Generation stops early once
     every row has produced `eos_id` (tokens after a row's eos are dropped from its text, not from the array).
@@ -98,8 +132,10 @@ class Decoder:
     if new <= 0:
       return np.zeros((batch, 0), np.int32), {}
     S = P + new
+    auto = STREAM_TOKENS_PER_CALL if on_token else BATCH_TOKENS_PER_CALL
+    per_call = max(1, min(self.tokens_per_call or auto, new - 1))
     t0 = time.perf_counter()
-    prefill, step = self.compile(variables, batch, P, S, rng)
+    prefill, step = self.compile(variables, batch, P, S, rng, per_call)
     compile_s = time.perf_counter() - t0
     caches = cache_lib.init_caches(self.cfg, batch, S, mla_decode=self.mla_decode)
     tokens_BT = jnp.asarray(np.broadcast_to(prompt, (batch, P)))
@@ -112,15 +148,23 @@ class Decoder:
       on_token(token_B)
     done_B = token_B == eos_id
     t0 = time.perf_counter()
-    for position in range(P, S - 1):
-      if done_B.all():
-        break
-      token_B, caches = step(variables, jnp.asarray(token_B), jnp.int32(position), caches, rng)
-      token_B = np.asarray(token_B)
-      out.append(token_B)
-      done_B |= token_B == eos_id
-      if on_token:
-        on_token(token_B)
+    position = P
+    while position < S - 1 and not done_B.all():
+      if per_call == 1:
+        token_B, caches = step(variables, jnp.asarray(token_B), jnp.int32(position), caches, rng)
+        new_NB = np.asarray(token_B)[None]
+      else:
+        count, eos = min(per_call, S - 1 - position), -1 if eos_id is None else eos_id
+        tokens_NB, made, caches = step(
+          variables, jnp.asarray(token_B), jnp.int32(position), jnp.int32(count), caches, rng, jnp.int32(eos), done_B
+        )
+        new_NB = np.asarray(tokens_NB)[: int(made)]
+      for token_B in new_NB:
+        out.append(token_B)
+        done_B |= token_B == eos_id
+        if on_token:
+          on_token(token_B)
+      position += len(new_NB)
     decode_s = time.perf_counter() - t0
     steps = len(out) - 1
     stats = {

@@ -5,6 +5,7 @@ transformers (logits, greedy decoding, loading exports) need torch and transform
 test extra: pip install torch transformers (CPU torch).
 """
 
+import functools
 import io
 import json
 import os
@@ -250,7 +251,7 @@ MODELS = {"moe": DEEPSEEK, "dense": DENSE, "mamba2": {**MAMBA2, "model_type": "m
 
 
 def _config(spec: dict):
-  return (hf.mamba2_config if spec["model_type"] == "mamba2" else hf.deepseek_config)(spec)
+  return {"mamba2": hf.mamba2_config, "llama": hf.llama_config}.get(spec["model_type"], hf.deepseek_config)(spec)
 
 
 @pytest.fixture(scope="module")
@@ -291,22 +292,27 @@ def test_export_round_trip_is_identity(exported, model):
   jax.tree_util.tree_map(np.testing.assert_array_equal, params2, params)
 
 
+LLAMA = {**COMMON, "model_type": "llama", "num_key_value_heads": 2, "head_dim": 12}  # head_dim != hidden / heads
+
+# case: (config.json keys, name table, interleaved rope of a DeepSeek key or None)
 TABLES = {
-  "deepseek_moe_interleaved": (DEEPSEEK, dict(interleaved=True)),
-  "deepseek_dense_rotate_half": (DENSE, dict(interleaved=False)),
+  "deepseek_moe_interleaved": (DEEPSEEK, functools.partial(hf.deepseek_table, interleaved=True), True),
+  "deepseek_dense_rotate_half": (DENSE, functools.partial(hf.deepseek_table, interleaved=False), False),
   "deepseek_moe_fused_experts": (
     {**DEEPSEEK, "q_lora_rank": None, "n_shared_experts": 0},
-    dict(fused=lambda prefix: True),
+    functools.partial(hf.deepseek_table, fused=lambda prefix: True),
+    True,
   ),
-  "mamba2": (MODELS["mamba2"], None),
+  "mamba2": (MODELS["mamba2"], hf.mamba2_table, None),
+  "llama_head_dim_12": (LLAMA, hf.llama_table, None),
 }
 
 
 @pytest.mark.parametrize("case", sorted(TABLES))
 def test_name_table_covers_the_model_once_and_both_directions_invert(case):
-  spec, options = TABLES[case]
+  spec, make_table, interleaved = TABLES[case]
   cfg = ModelConfig.from_config(_config(spec))
-  table = hf.mamba2_table(cfg) if options is None else hf.deepseek_table(cfg, **options)
+  table = make_table(cfg)
   wanted = pytree.flatten(abstract_variables(cfg)[0])
   ours, theirs = [n for e in table for n in e.ours], [n for e in table for n in e.hf]
   assert sorted(ours) == sorted(wanted) and len(set(theirs)) == len(theirs)
@@ -326,11 +332,11 @@ def test_name_table_covers_the_model_once_and_both_directions_invert(case):
     if entry.transpose is not None:  # slices read without `load`
       index = tuple(slice(1, None, 2 if d == 0 else 1) for d in range(back[0].ndim))
       np.testing.assert_array_equal(hf._read_slice(entry, t, index, np.dtype(np.float32)), back[0][index])
-  if options is not None:  # the rope part of the key: interleaved pairs become [even | odd] columns
+  if interleaved is not None:  # the rope part of the key: interleaved pairs become [even | odd] columns
     C = cfg.kv_latent_dim
     (dkv,) = [e for e in table if e.hf == ("model.layers.0.self_attn.kv_a_proj_with_mqa.weight",)]
     w_OI = rng.standard_normal((C + cfg.d_rope, cfg.hidden_size)).astype(np.float32)
-    rope_O = np.concatenate([w_OI[C::2], w_OI[C + 1 :: 2]]) if options.get("interleaved", True) else w_OI[C:]
+    rope_O = np.concatenate([w_OI[C::2], w_OI[C + 1 :: 2]]) if interleaved else w_OI[C:]
     np.testing.assert_array_equal(dkv.load(w_OI)[0], np.concatenate([w_OI[:C], rope_O]).T)
 
 

@@ -17,6 +17,7 @@ from flax import linen as nn
 
 from mla_jax import cache as cache_lib
 from mla_jax.decode import Decoder, generate_text
+from mla_jax.errors import UserError
 from mla_jax.layers.mla import MLA
 from mla_jax.model import LanguageModel, init_params
 from mla_jax.sampling import sample_logits
@@ -233,6 +234,41 @@ def test_top_k_one_is_greedy_and_seeds_are_deterministic():
   seq = np.concatenate([np.asarray(prompt), greedy_tokens[0]])[None]
   logits = LanguageModel(cfg).apply(variables, jnp.asarray(seq))[0]
   np.testing.assert_array_equal(np.argmax(logits[0, len(prompt) - 1 : -1], -1), greedy_tokens[0])
+
+
+def test_several_tokens_per_call_equal_one_token_per_call():
+  """Decoder.steps (an on-device loop of up to tokens_per_call steps) gives the tokens of one step per call,
+  sampled and with rows finishing at eos (the loop stops once every row has produced it), and streams the
+  same tokens in order (the hybrid: Mamba2 and MLA caches)."""
+  cfg = tiny_model_config("hybrid")
+  variables = {"params": _params(cfg)}
+  prompt = [5, 9, 2, 7]
+  rng = jax.random.PRNGKey(4)
+
+  def run(per_call, eos_id=None):
+    streamed = []
+    decoder = Decoder(cfg, temperature=1.2, top_k=0, tokens_per_call=per_call)
+    tokens, stats = decoder.generate(
+      variables, prompt, 21, rng, batch=2, max_len=32, eos_id=eos_id, on_token=streamed.append
+    )
+    np.testing.assert_array_equal(np.stack(streamed, axis=1), tokens)
+    assert stats["decode_steps"] == tokens.shape[1] - 1
+    return tokens
+
+  one = run(1)
+  assert one.shape == (2, 21) and not np.array_equal(one[0], one[1])
+  for per_call in (3, 64):  # 20 decode steps: calls of 3 (the last one short) and one call for all
+    np.testing.assert_array_equal(run(per_call), one)
+  # eos: of the tokens both rows sample, the one both have produced soonest; generation stops there.
+  first = lambda row, t: list(row).index(t)
+  eos = min(set(one[0]) & set(one[1]), key=lambda t: max(first(one[0], t), first(one[1], t)))
+  stopped = run(1, int(eos))
+  assert stopped.shape[1] == 1 + max(first(one[0], eos), first(one[1], eos)) < one.shape[1]
+  np.testing.assert_array_equal(stopped, one[:, : stopped.shape[1]])
+  for per_call in (4, 64):  # rows that finished in an earlier call stay finished
+    np.testing.assert_array_equal(run(per_call, int(eos)), stopped)
+  with pytest.raises(UserError, match="tokens_per_call"):
+    Decoder(cfg, tokens_per_call=-1)
 
 
 @pytest.fixture(scope="module")

@@ -22,6 +22,11 @@ _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%\S+ = (\w+)\[([\d,]*)\]\{[^}]*\} ([\w
 _VIEWS = {"parameter", "bitcast", "tuple", "get-tuple-element"}  # name a buffer, move no data
 
 
+def _instructions(text: str) -> list[tuple[str, tuple[int, ...]]]:
+  """(opcode, shape) of every array-valued instruction of a compiled program's text."""
+  return [(op, tuple(int(d) for d in dims.split(",") if d)) for _, dims, op in _INSTRUCTION.findall(text)]
+
+
 def _step_instructions(cfg):
   """(opcode, shape) of every instruction of the compiled decode step's entry computation, and the
   shapes of the cache arrays (the Mamba2 conv window left out: see below)."""
@@ -29,7 +34,7 @@ def _step_instructions(cfg):
   _, step = Decoder(cfg).compile(variables, 1, PROMPT, SLOTS, jax.random.PRNGKey(0))
   text = step.as_text()
   entry = text[text.index("\nENTRY") :]
-  instructions = [(op, tuple(int(d) for d in dims.split(",") if d)) for _, dims, op in _INSTRUCTION.findall(entry)]
+  instructions = _instructions(entry)
   caches = cache_lib.init_caches(cfg, 1, SLOTS, jnp.float32)
   # The conv window (K-1 = 3 inputs) shifts by one input per token: no in-place update exists for a shift,
   # so XLA writes it whole, a copy of 3 x conv_dim values whatever the sequence length.
@@ -49,6 +54,22 @@ def test_batch1_decode_step_updates_its_caches_in_place(kind):
   sizes = {int(np.prod(s)) for s in shapes}
   sized = [(op, shape) for op, shape in instructions if op not in _VIEWS and int(np.prod(shape)) in sizes]
   assert sorted(shape for _, shape in sized) == sorted(shapes), sized
+
+
+@pytest.mark.parametrize("kind", ["mla", "gqa", "mamba2"])
+def test_several_tokens_per_call_loop_copies_no_cache(kind):
+  """Decoder.steps' on-device loop keeps the caches in place too: no copy of a cache array anywhere in
+  the compiled loop (its body included)."""
+  cfg = tiny_model_config(kind)
+  variables = {"params": jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0))[0])}
+  _, steps = Decoder(cfg).compile(variables, 1, PROMPT, SLOTS, jax.random.PRNGKey(0), tokens_per_call=8)
+  _, shapes = _step_instructions(cfg)
+  instructions = [
+    (op, tuple(int(d) for d in dims.split(",") if d)) for _, dims, op in _INSTRUCTION.findall(steps.as_text())
+  ]
+  assert " while(" in steps.as_text()
+  copies = [shape for op, shape in instructions if op == "copy" and shape in shapes]
+  assert copies == [], f"the loop copies caches: {copies}"
 
 
 def _random(key, shape, scale=1.0):

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 
 from mla_jax import config as config_lib
-from mla_jax import convert, hf, pytree
+from mla_jax import convert, pytree
 from mla_jax.config import ModelConfig
 from mla_jax.errors import ConfigError
-from mla_jax.model import abstract_variables, forward, init_params
-from mla_jax.safetensors_io import Tensors, read_folder
+from mla_jax.model import forward, init_params
+from mla_jax.safetensors_io import read_folder
 
 FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "hf_fixtures", "llama_gqa_head_dim_12")
 TOKENS = np.random.default_rng(0).integers(0, 64, (2, 9))
@@ -78,24 +78,6 @@ def test_import_then_export_writes_the_checkpoint_again(tmp_path):
   for name in theirs:
     np.testing.assert_array_equal(ours[name], theirs[name], err_msg=name)
   assert convert.from_hf(str(tmp_path))[0].model == config.model
-
-
-def test_name_table_covers_the_model_once_and_both_directions_invert():
-  cfg = ModelConfig.from_config(_config(head_dim=12))
-  table = hf.llama_table(cfg)
-  wanted = pytree.flatten(abstract_variables(cfg)[0])
-  ours, theirs = [n for e in table for n in e.ours], [n for e in table for n in e.hf]
-  assert sorted(ours) == sorted(wanted) and len(set(theirs)) == len(theirs)
-  rng = np.random.default_rng(0)
-  for entry in table:
-    mine = [rng.standard_normal(wanted[n].shape).astype(np.float32) for n in entry.ours]
-    saved = entry.save(*mine)
-    for a, b in zip(entry.load(*saved), mine, strict=True):
-      np.testing.assert_array_equal(a, b)
-    if entry.transpose is not None:  # slices read without `load`
-      t = Tensors(dict(zip(entry.hf, saved, strict=True)), "t")
-      index = tuple(slice(1, None, 2 if d == 0 else 1) for d in range(mine[0].ndim))
-      np.testing.assert_array_equal(hf._read_slice(entry, t, index, np.dtype(np.float32)), mine[0][index])
 
 
 @pytest.mark.parametrize(
