@@ -148,15 +148,15 @@ class Decoder:
       on_token(token_B)
     done_B = token_B == eos_id
     t0 = time.perf_counter()
-    position = P
+    position, eos = P, jnp.int32(-1 if eos_id is None else eos_id)
     while position < S - 1 and not done_B.all():
       if per_call == 1:
         token_B, caches = step(variables, jnp.asarray(token_B), jnp.int32(position), caches, rng)
         new_NB = np.asarray(token_B)[None]
       else:
-        count, eos = min(per_call, S - 1 - position), -1 if eos_id is None else eos_id
+        count = jnp.int32(min(per_call, S - 1 - position))
         tokens_NB, made, caches = step(
-          variables, jnp.asarray(token_B), jnp.int32(position), jnp.int32(count), caches, rng, jnp.int32(eos), done_B
+          variables, jnp.asarray(token_B), jnp.int32(position), count, caches, rng, eos, done_B
         )
         new_NB = np.asarray(tokens_NB)[: int(made)]
       for token_B in new_NB:

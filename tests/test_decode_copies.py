@@ -27,19 +27,26 @@ def _instructions(text: str) -> list[tuple[str, tuple[int, ...]]]:
   return [(op, tuple(int(d) for d in dims.split(",") if d)) for _, dims, op in _INSTRUCTION.findall(text)]
 
 
-def _step_instructions(cfg):
-  """(opcode, shape) of every instruction of the compiled decode step's entry computation, and the
-  shapes of the cache arrays (the Mamba2 conv window left out: see below)."""
-  variables = {"params": jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0))[0])}
-  _, step = Decoder(cfg).compile(variables, 1, PROMPT, SLOTS, jax.random.PRNGKey(0))
-  text = step.as_text()
-  entry = text[text.index("\nENTRY") :]
-  instructions = _instructions(entry)
+def _cache_shapes(cfg) -> list[tuple[int, ...]]:
+  """The shapes of the batch-1 cache arrays (the Mamba2 conv window left out: see below)."""
   caches = cache_lib.init_caches(cfg, 1, SLOTS, jnp.float32)
   # The conv window (K-1 = 3 inputs) shifts by one input per token: no in-place update exists for a shift,
   # so XLA writes it whole, a copy of 3 x conv_dim values whatever the sequence length.
-  shapes = [x.shape for c in caches for name, x in vars(c).items() if isinstance(x, jax.Array) and name != "conv"]
-  return instructions, shapes
+  return [x.shape for c in caches for name, x in vars(c).items() if isinstance(x, jax.Array) and name != "conv"]
+
+
+def _compiled_decode(cfg, tokens_per_call: int = 1) -> str:
+  """The text of the compiled batch-1 decode (`Decoder.compile`) of `cfg`'s model."""
+  variables = {"params": jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0))[0])}
+  _, step = Decoder(cfg).compile(variables, 1, PROMPT, SLOTS, jax.random.PRNGKey(0), tokens_per_call=tokens_per_call)
+  return step.as_text()
+
+
+def _step_instructions(cfg):
+  """(opcode, shape) of every instruction of the compiled decode step's entry computation, and the
+  cache shapes."""
+  text = _compiled_decode(cfg)
+  return _instructions(text[text.index("\nENTRY") :]), _cache_shapes(cfg)
 
 
 @pytest.mark.parametrize("kind", ["mla", "gqa", "mamba2"])
@@ -61,13 +68,9 @@ def test_several_tokens_per_call_loop_copies_no_cache(kind):
   """Decoder.steps' on-device loop keeps the caches in place too: no copy of a cache array anywhere in
   the compiled loop (its body included)."""
   cfg = tiny_model_config(kind)
-  variables = {"params": jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0))[0])}
-  _, steps = Decoder(cfg).compile(variables, 1, PROMPT, SLOTS, jax.random.PRNGKey(0), tokens_per_call=8)
-  _, shapes = _step_instructions(cfg)
-  instructions = [
-    (op, tuple(int(d) for d in dims.split(",") if d)) for _, dims, op in _INSTRUCTION.findall(steps.as_text())
-  ]
-  assert " while(" in steps.as_text()
+  text = _compiled_decode(cfg, tokens_per_call=8)
+  assert " while(" in text
+  instructions, shapes = _instructions(text), _cache_shapes(cfg)
   copies = [shape for op, shape in instructions if op == "copy" and shape in shapes]
   assert copies == [], f"the loop copies caches: {copies}"
 
