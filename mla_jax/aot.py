@@ -171,7 +171,9 @@ def compile_decode(program: train_program.Program, batch: int, length: int):
   position = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)
   rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=replicated)
   with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):  # traced for the mesh's platform
-    lowered = Decoder(cfg, mla_decode="absorbed").step.lower(variables, token, position, caches, rng)
+    lowered = Decoder(cfg, mla_decode="absorbed", platform=mesh.devices.flat[0].platform).step.lower(
+      variables, token, position, caches, rng
+    )
   return lowered.compile()
 
 

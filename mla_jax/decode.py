@@ -28,6 +28,7 @@ from mla_jax.model import LanguageModel
 from mla_jax.sampling import sample_logits
 from mla_jax.train_program import resolve_model_config
 from mla_jax.workdir import load
+from mla_jax.xla_options import compiler_options
 
 STREAM_TOKENS_PER_CALL = 8  # streamed text arrives in bursts of at most this many tokens
 BATCH_TOKENS_PER_CALL = 64
@@ -44,9 +45,11 @@ class Decoder:
     top_p: float = 1.0,
     mla_decode: str = "absorbed",
     tokens_per_call: int = 0,
+    platform: str | None = None,
   ):
     """tokens_per_call: new tokens per jitted call; 0 picks STREAM_TOKENS_PER_CALL when `generate` streams
-    (on_token) and BATCH_TOKENS_PER_CALL when it does not; 1 is one call per token."""
+    (on_token) and BATCH_TOKENS_PER_CALL when it does not; 1 is one call per token. `platform`: the
+    compile target when it is not JAX's default backend (mla_jax.xla_options)."""
     if tokens_per_call < 0:
       raise UserError(f"tokens_per_call must be >= 0 (0: automatic), got {tokens_per_call}")
     self.cfg, self.mla_decode, self.tokens_per_call = cfg, mla_decode, tokens_per_call
@@ -84,9 +87,10 @@ class Decoder:
       done, _, caches, tokens_NB, _ = jax.lax.while_loop(unfinished, body, init)
       return tokens_NB, done, caches
 
-    self.prefill = jax.jit(prefill, donate_argnums=(2,))
-    self.step = jax.jit(step, donate_argnums=(3,))
-    self.steps = jax.jit(steps, donate_argnums=(4,), static_argnames=("n",))
+    forward, decode = (compiler_options(cfg, purpose, platform) for purpose in ("sequence", "decode"))
+    self.prefill = jax.jit(prefill, donate_argnums=(2,), compiler_options=forward)
+    self.step = jax.jit(step, donate_argnums=(3,), compiler_options=decode)
+    self.steps = jax.jit(steps, donate_argnums=(4,), static_argnames=("n",), compiler_options=decode)
 
   def compile(self, variables, batch: int, prompt_len: int, max_len: int, rng, tokens_per_call: int = 1):
     """Compiles the prefill for this prompt length and the decode for this cache length (no execution):

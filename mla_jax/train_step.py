@@ -19,6 +19,7 @@ from mla_jax.model import lm_head_weight
 from mla_jax.ops import cross_entropy as ce_ops
 from mla_jax.sharding import activation_rules, axis_rules
 from mla_jax.train_state import TrainState
+from mla_jax.xla_options import compiler_options
 
 
 def cross_entropy(logits_BTV: jax.Array, targets_BT: jax.Array, weights_BT: jax.Array | None = None):
@@ -137,7 +138,13 @@ def make_train_step(
     # Metrics come back replicated, so every process can read them.
     metrics_sharding = None if batch_sharding is None else _replicated(batch_sharding)
     shardings = dict(in_shardings=(state_sharding, batch_sharding), out_shardings=(state_sharding, metrics_sharding))
-  return jax.jit(step, donate_argnums=(0,) if donate else (), **shardings)
+  options = compiler_options(model.cfg, "sequence", _platform(batch_sharding))
+  return jax.jit(step, donate_argnums=(0,) if donate else (), compiler_options=options, **shardings)
+
+
+def _platform(sharding) -> str | None:
+  """The platform of a sharding's devices (a TPU topology compiled from a CPU host: 'tpu'); None without."""
+  return None if sharding is None else sharding.mesh.devices.flat[0].platform
 
 
 def _is_schedule_count(path, _) -> bool:
@@ -180,8 +187,9 @@ def make_eval_step(model, state_sharding=None, batch_sharding=None, rules=None, 
     (nll, count, _), _ = model_cross_entropy(model, params, model_state, batch, loss_chunk_size)
     return nll, count
 
+  options = compiler_options(model.cfg, "sequence", _platform(batch_sharding))
   if state_sharding is None:
-    return jax.jit(eval_step)
+    return jax.jit(eval_step, compiler_options=options)
 
   def sharded_eval_step(params, model_state, batch):
     if rules is None:
@@ -193,6 +201,7 @@ def make_eval_step(model, state_sharding=None, batch_sharding=None, rules=None, 
     sharded_eval_step,
     in_shardings=(state_sharding.params, state_sharding.model_state, batch_sharding),
     out_shardings=_replicated(batch_sharding),
+    compiler_options=options,
   )
 
 
