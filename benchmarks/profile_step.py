@@ -14,6 +14,10 @@ The models are the seed-size shapes of benchmarks/vs_transformers.py --size seed
 over --steps profiled steps. XLA runs independent thunks concurrently, so the summed op time can exceed
 the wall time: read the shares, not the absolute sums. Kinds: matmul (ynn/xnn fusions, dot), layout
 (copy and transpose fusions, whatever their other ops), and the rest by their fusion name.
+
+The trace times XLA:CPU's own (Eigen) `dot` thunks only while they are handed to the thread pool: their
+work runs asynchronously and is not in the sums. In these steps they are the weight gradients (X^T dY,
+which YNNPACK does not take), about a third of the matmul FLOPs, so the matmul share is an undercount.
 """
 
 from __future__ import annotations
@@ -226,7 +230,9 @@ def write_markdown(saved: dict, top: int) -> None:
     "",
     f"Seed-size models (hidden 512, 8 layers, vocabulary 8192), AdamW step at batch {BATCH} x {SEQ}. Op time is "
     "summed per XLA thunk from a jax.profiler trace, per step; XLA runs independent thunks concurrently, "
-    "so shares are what to compare. Columns: " + "; ".join(columns) + ".",
+    "so shares are what to compare. XLA's own `dot` thunks (the weight gradients) are timed only while "
+    "they are dispatched, their work runs asynchronously and is not in the sums: the matmul share is an "
+    "undercount. Columns: " + "; ".join(columns) + ".",
     "",
     *tables(saved["runs"], top),
   ]
