@@ -86,16 +86,21 @@ def hlo_ops(hlo: str) -> dict[str, tuple[str, str]]:
   return out
 
 
-def profile(kind: str, steps: int) -> dict:
+def seed_train_step(kind: str):
+  """(jitted train step, initial state, batch) of the seed-size `kind` model: random weights and tokens."""
   config = seed_config(kind)
   cfg = ModelConfig.from_config(config)
-  model = LanguageModel(cfg)
   tx = make_optimizer(config.trainer, 1000)
   params, _ = init_params(cfg, jax.random.PRNGKey(0), 8)
   state = TrainState.create(params, tx, jax.random.PRNGKey(1), initial_model_state(cfg, SEQ))
   tokens = np.random.default_rng(0).integers(0, VOCAB, (BATCH, SEQ + 1)).astype(np.int32)
   batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
-  step = make_train_step(config, model, tx, make_schedule(config.trainer, 1000))
+  step = make_train_step(config, LanguageModel(cfg), tx, make_schedule(config.trainer, 1000))
+  return step, state, batch
+
+
+def profile(kind: str, steps: int) -> dict:
+  step, state, batch = seed_train_step(kind)
   compiled = step.lower(state, batch).compile()
   ops = hlo_ops(compiled.as_text())
   for _ in range(2):

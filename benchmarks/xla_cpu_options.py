@@ -25,14 +25,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.common import machine_lines, write_lines
-from benchmarks.profile_step import BATCH, RESULTS, SEQ, VOCAB, seed_config
+from benchmarks.profile_step import RESULTS, seed_config, seed_train_step
 from mla_jax import cache as cache_lib
 from mla_jax.config import ModelConfig
 from mla_jax.decode import Decoder
-from mla_jax.model import LanguageModel, init_params
-from mla_jax.optim import make_optimizer, make_schedule
-from mla_jax.train_state import TrainState, initial_model_state
-from mla_jax.train_step import make_train_step
+from mla_jax.model import init_params
 from mla_jax.xla_options import DOTS_ONLY, NO_YNN, compiler_options
 
 SETTINGS = {"XLA default": {}, "dots only": DOTS_ONLY, "off": NO_YNN}
@@ -59,14 +56,7 @@ def _interleaved(run_by_setting: dict, rounds: int) -> dict[str, float]:
 
 
 def train_times(kind: str, rounds: int) -> dict[str, float]:
-  config = seed_config(kind)
-  cfg = ModelConfig.from_config(config)
-  tx = make_optimizer(config.trainer, 1000)
-  params, _ = init_params(cfg, jax.random.PRNGKey(0), 8)
-  tokens = np.random.default_rng(0).integers(0, VOCAB, (BATCH, SEQ + 1)).astype(np.int32)
-  batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
-  step = make_train_step(config, LanguageModel(cfg), tx, make_schedule(config.trainer, 1000))
-  state = TrainState.create(params, tx, jax.random.PRNGKey(1), initial_model_state(cfg, SEQ))
+  step, state, batch = seed_train_step(kind)
   lowered = _without_options(step, donate_argnums=(0,)).lower(state, batch)
   runs, states = {}, {}
   for name, options in SETTINGS.items():
@@ -127,9 +117,9 @@ def main(argv=None) -> None:
   rows = []
   for kind in args.models.split(","):
     cfg = ModelConfig.from_config(seed_config(kind))
-    for work, measure, unit in (("train step", train_times, "ms"), ("decode b=1", decode_times, "tok/s")):
+    works = (("train step", train_times, "ms", "sequence"), ("decode b=1", decode_times, "tok/s", "decode"))
+    for work, measure, unit, purpose in works:
       seconds = measure(kind, args.rounds)
-      purpose = "sequence" if work == "train step" else "decode"
       picked = _name(compiler_options(cfg, purpose))
       value = {n: (1e3 * s if unit == "ms" else NEW / s) for n, s in seconds.items()}
       cells = []

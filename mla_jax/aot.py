@@ -35,6 +35,7 @@ from mla_jax.data import load_tokenizer
 from mla_jax.decode import Decoder
 from mla_jax.errors import UserError
 from mla_jax.tpu_chips import TPU_CHIPS, Chip, chip_for_device  # noqa: F401  (re-exported)
+from mla_jax.xla_options import mesh_platform
 
 
 def parse_topology(name: str) -> tuple[Chip, tuple[int, ...]]:
@@ -171,7 +172,7 @@ def compile_decode(program: train_program.Program, batch: int, length: int):
   position = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)
   rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=replicated)
   with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):  # traced for the mesh's platform
-    lowered = Decoder(cfg, mla_decode="absorbed", platform=mesh.devices.flat[0].platform).step.lower(
+    lowered = Decoder(cfg, mla_decode="absorbed", platform=mesh_platform(mesh)).step.lower(
       variables, token, position, caches, rng
     )
   return lowered.compile()

@@ -19,7 +19,7 @@ from mla_jax.model import lm_head_weight
 from mla_jax.ops import cross_entropy as ce_ops
 from mla_jax.sharding import activation_rules, axis_rules
 from mla_jax.train_state import TrainState
-from mla_jax.xla_options import compiler_options
+from mla_jax.xla_options import compiler_options, mesh_platform
 
 
 def cross_entropy(logits_BTV: jax.Array, targets_BT: jax.Array, weights_BT: jax.Array | None = None):
@@ -143,8 +143,8 @@ def make_train_step(
 
 
 def _platform(sharding) -> str | None:
-  """The platform of a sharding's devices (a TPU topology compiled from a CPU host: 'tpu'); None without."""
-  return None if sharding is None else sharding.mesh.devices.flat[0].platform
+  """The platform a sharding places on; None without one (JAX's default backend)."""
+  return None if sharding is None else mesh_platform(sharding.mesh)
 
 
 def _is_schedule_count(path, _) -> bool:

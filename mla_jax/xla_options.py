@@ -43,6 +43,11 @@ def _supported() -> bool:
   return True
 
 
+def mesh_platform(mesh) -> str:
+  """The platform of a mesh's devices: 'tpu' for a TPU topology compiled from a CPU host."""
+  return mesh.devices.flat[0].platform
+
+
 def compiler_options(cfg: ModelConfig, purpose: str, platform: str | None = None) -> dict[str, str] | None:
   """`compiler_options` for jax.jit of a `purpose` executable of this model on `platform` (default: JAX's
   default backend); None where nothing is set."""
