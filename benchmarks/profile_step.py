@@ -49,8 +49,13 @@ VOCAB, BATCH, SEQ = 8192, 4, 256
 RUNTIME_EVENTS = ("ThunkExecutor", "$", "Slinky", "PjitFunction", "CommonPjRt", "ParseArguments", "end:")
 
 
+SEED_KINDS = ("mla", "mla_moe", "gqa", "mamba2")
+
+
 def seed_config(kind: str):
-  """The seed-size model of `kind` (mla, mla_moe, gqa, mamba2) with the train settings of the comparison."""
+  """The seed-size model of `kind` (one of SEED_KINDS) with the train settings of the comparison."""
+  if kind not in SEED_KINDS:
+    raise ValueError(f"unknown seed-size model {kind!r}: one of {', '.join(SEED_KINDS)}")
   config = mla_config.get_config()
   m = config.model
   m.vocab_size, m.tie_embeddings = VOCAB, False

@@ -74,28 +74,37 @@ def train_times(kind: str, rounds: int) -> dict[str, float]:
   return _interleaved(runs, rounds)
 
 
-def decode_times(kind: str, rounds: int) -> dict[str, float]:
+def seed_decode(kind: str, rejit=None):
+  """The seed-size batch-1 greedy decode of `kind`: (`Decoder.steps` lowered for NEW tokens after a
+  PROMPT-token cache, run(compiled) -> seconds of one call from a fresh cache). `rejit` maps the Decoder's
+  jitted steps to the function to lower (default: as mla_jax compiles it)."""
   cfg = ModelConfig.from_config(seed_config(kind))
   params, _ = init_params(cfg, jax.random.PRNGKey(0), 8)
   variables, rng, slots = {"params": params}, jax.random.PRNGKey(0), PROMPT + NEW
   scalar, token = jax.ShapeDtypeStruct((), jnp.int32), jax.ShapeDtypeStruct((1,), jnp.int32)
   caches = jax.eval_shape(lambda: cache_lib.init_caches(cfg, 1, slots))
   finished = jax.ShapeDtypeStruct((1,), jnp.bool_)
-  steps = _without_options(Decoder(cfg).steps, donate_argnums=(4,), static_argnames=("n",))
+  steps = Decoder(cfg).steps if rejit is None else rejit(Decoder(cfg).steps)
   lowered = steps.lower(variables, token, scalar, scalar, caches, rng, scalar, finished, n=NEW)
+
+  def run(compiled) -> float:
+    fresh = cache_lib.init_caches(cfg, 1, slots)
+    args = (variables, jnp.zeros((1,), jnp.int32), jnp.int32(PROMPT), jnp.int32(NEW), fresh, rng)
+    start = time.perf_counter()
+    jax.block_until_ready(compiled(*args, jnp.int32(-1), jnp.zeros((1,), bool)))
+    return time.perf_counter() - start
+
+  return lowered, run
+
+
+def decode_times(kind: str, rounds: int) -> dict[str, float]:
+  rejit = lambda steps: _without_options(steps, donate_argnums=(4,), static_argnames=("n",))
+  lowered, run = seed_decode(kind, rejit)
   runs = {}
   for name, options in SETTINGS.items():
     compiled = lowered.compile(options)
-
-    def run(compiled=compiled):
-      fresh = cache_lib.init_caches(cfg, 1, slots)
-      args = (variables, jnp.zeros((1,), jnp.int32), jnp.int32(PROMPT), jnp.int32(NEW), fresh, rng)
-      start = time.perf_counter()
-      jax.block_until_ready(compiled(*args, jnp.int32(-1), jnp.zeros((1,), bool)))
-      return time.perf_counter() - start
-
-    run()
-    runs[name] = run
+    run(compiled)  # warm-up
+    runs[name] = lambda compiled=compiled: run(compiled)
   return _interleaved(runs, rounds)
 
 

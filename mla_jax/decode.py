@@ -59,8 +59,8 @@ class Decoder:
     def prefill(variables, tokens_BT, caches, rng):
       B, T = tokens_BT.shape
       positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-      logits_BTV, _, caches = model.apply(variables, tokens_BT, positions_BT, caches)
-      return sample(logits_BTV[:, -1], jax.random.fold_in(rng, T - 1)), caches
+      logits_B1V, _, caches = model.apply(variables, tokens_BT, positions_BT, caches, last_logits_only=True)
+      return sample(logits_B1V[:, -1], jax.random.fold_in(rng, T - 1)), caches
 
     def step(variables, token_B, position, caches, rng):
       B = token_B.shape[0]

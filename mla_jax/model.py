@@ -140,7 +140,8 @@ class LanguageModel(nn.Module):
   and state restart at each document start (not with caches: a cache holds one document per row). With
   `return_hidden` the first output is the final-normed hidden states [B, T, D] in the compute dtype, divided by
   logits_scaling, instead of the logits (the LM head is not applied; `lm_head_weight` gives its weight), for a loss
-  that applies the head chunk by chunk (mla_jax.ops.cross_entropy).
+  that applies the head chunk by chunk (mla_jax.ops.cross_entropy). With `last_logits_only` the logits are the
+  last position's alone, [B, 1, V] (a prefill that samples the next token needs no others).
   """
 
   cfg: ModelConfig
@@ -153,6 +154,7 @@ class LanguageModel(nn.Module):
     caches: list | None = None,
     return_hidden: bool = False,
     segment_ids_BT: jax.Array | None = None,
+    last_logits_only: bool = False,
   ):
     cfg = self.cfg
     dtype = compute_dtype(cfg.dtype)
@@ -192,6 +194,8 @@ class LanguageModel(nn.Module):
         x_BTD = (x_BTD.astype(jnp.float32) / cfg.logits_scaling).astype(dtype)
       x_BTD = nn.with_logical_constraint(x_BTD, ACTIVATION_AXES)
       return x_BTD, merge_moe_aux(layer_aux), (new_caches if caches is not None else None)
+    if last_logits_only:  # a prefill samples from the last position only: the head runs on one row
+      x_BTD = x_BTD[:, -1:]
     if cfg.tie_embeddings:
       logits_BTV = matmul(x_BTD, embedding_VD.astype(dtype).T)
     else:

@@ -35,6 +35,22 @@ class ModelShapeTest(chex.TestCase):
       assert len(spec) == leaf.ndim and all(isinstance(n, str) for n in spec)
 
 
+@pytest.mark.parametrize(
+  "kind,overrides", [("mla", {}), ("gqa", {"tie_embeddings": True, "logits_scaling": 4.0}), ("mamba2", {})]
+)
+def test_last_logits_only_is_the_last_row_of_the_full_logits(kind, overrides):
+  """The prefill's head on the last position alone gives that position's logits of the full forward."""
+  cfg = tiny_model_config(kind, **overrides)
+  params, _ = init_params(cfg, jax.random.PRNGKey(0))
+  tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 9), 0, cfg.vocab_size)
+  model = LanguageModel(cfg)
+  full = model.apply({"params": params}, tokens)[0]
+  last = jax.jit(lambda p, t: model.apply({"params": p}, t, last_logits_only=True)[0])(params, tokens)
+  chex.assert_shape(last, (2, 1, cfg.vocab_size))
+  np.testing.assert_allclose(last[:, 0], full[:, -1], atol=1e-5, rtol=0)
+  assert float(jnp.std(full[:, -1])) > 1e-2 and not np.allclose(full[:, -1], full[:, -2], atol=1e-3)
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_causality_through_gradients(kind):
   """d logits[t] / d embedding(token at s) is zero for s > t and non-zero for s <= t."""
